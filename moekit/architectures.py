@@ -1,0 +1,71 @@
+"""What moekit knows about each architecture, as data.
+
+`ROUTING` names how a router turns logits into expert weights (BRIEF §2): it decides whether a
+surgery is exact. `MOE_CONFIG` says which config fields hold the expert counts of every MoE family
+transformers ships, including the ones moekit only reads. The surgery targets (which keys hold
+experts and routers on disk) live in `moekit.targets`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Routing:
+    key: str
+    formula: str
+
+
+SOFTMAX_RENORM = Routing("softmax_topk_renorm", "softmax → top-k → renormalise")
+SOFTMAX_TOPK = Routing("softmax_topk", "softmax → top-k, renormalised only if norm_topk_prob")
+SIGMOID_BIASED = Routing("sigmoid_biased", "sigmoid → top-k on score + e_score_correction_bias (group-limited) → /sum if norm_topk_prob → × routed_scaling_factor")
+SOFTMAX_GROUPED = Routing("softmax_grouped", "softmax → group-limited top-k → × routed_scaling_factor")
+TOPK_SOFTMAX = Routing("topk_softmax", "top-k on logits → softmax over the k")
+SPARSEMIXER = Routing("sparsemixer", "sparsemixer (top-2 with jitter-masked softmax)")
+
+
+@dataclass(frozen=True)
+class MoEConfigFields:
+    """Config fields of one MoE family; None where the family has no such field."""
+
+    routing: Routing
+    experts: str
+    top_k: str = "num_experts_per_tok"
+    expert_width: str | None = "moe_intermediate_size"
+    shared_experts: str | None = None  # a count of shared experts
+    shared_width: str | None = None  # a width: one shared expert when > 0
+
+
+MOE_CONFIG: dict[str, MoEConfigFields] = {
+    "mixtral": MoEConfigFields(SOFTMAX_RENORM, "num_local_experts", expert_width="intermediate_size"),
+    "qwen2_moe": MoEConfigFields(SOFTMAX_TOPK, "num_experts", shared_width="shared_expert_intermediate_size"),
+    "qwen3_moe": MoEConfigFields(SOFTMAX_TOPK, "num_experts"),
+    "olmoe": MoEConfigFields(SOFTMAX_TOPK, "num_experts", expert_width="intermediate_size"),
+    "flex_olmo": MoEConfigFields(SOFTMAX_TOPK, "num_experts", expert_width="intermediate_size"),
+    "glm4_moe": MoEConfigFields(SIGMOID_BIASED, "n_routed_experts", shared_experts="n_shared_experts"),
+    "deepseek_v3": MoEConfigFields(SIGMOID_BIASED, "n_routed_experts", shared_experts="n_shared_experts"),
+    "dots1": MoEConfigFields(SIGMOID_BIASED, "n_routed_experts", shared_experts="n_shared_experts"),
+    "deepseek_v2": MoEConfigFields(SOFTMAX_GROUPED, "n_routed_experts", shared_experts="n_shared_experts"),
+    "granitemoe": MoEConfigFields(TOPK_SOFTMAX, "num_local_experts", expert_width="intermediate_size"),
+    "granitemoeshared": MoEConfigFields(TOPK_SOFTMAX, "num_local_experts", expert_width="intermediate_size",
+                                        shared_width="shared_intermediate_size"),
+    "gpt_oss": MoEConfigFields(TOPK_SOFTMAX, "num_local_experts", expert_width="intermediate_size"),
+    "jetmoe": MoEConfigFields(TOPK_SOFTMAX, "num_local_experts", expert_width="intermediate_size"),
+    "phimoe": MoEConfigFields(SPARSEMIXER, "num_local_experts", expert_width="intermediate_size"),
+}
+
+# Dense families moekit does surgery on, all with a SwiGLU `mlp.{gate,up,down}_proj` FFN.
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite")
+
+
+def read_field(config: dict, field: str | None):
+    """A config value; nested configs (`text_config`) are looked into as well."""
+    if field is None:
+        return None
+    if field in config:
+        return config[field]
+    for nested in ("text_config", "ffn_config"):
+        if isinstance(config.get(nested), dict) and field in config[nested]:
+            return config[nested][field]
+    return None

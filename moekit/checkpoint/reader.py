@@ -1,0 +1,233 @@
+"""Streaming checkpoint readers.
+
+Every reader gives the config as a plain dict, the tensor headers (name, shape, dtype) without
+reading any weights, and one tensor at a time on request. Surgery never holds a whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from moekit.checkpoint.dtypes import SAFETENSORS_DTYPES
+from moekit.errors import MoekitError
+
+# Files a model folder carries besides weights and config, copied to every output unchanged.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class Checkpoint(ABC):
+    """A model on disk: config, tensor headers, and tensors loaded one at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @property
+    @abstractmethod
+    def config(self) -> dict: ...
+
+    @property
+    @abstractmethod
+    def tensors(self) -> dict[str, TensorMeta]:
+        """Headers of every tensor, in file order; reading them loads no weights."""
+
+    @abstractmethod
+    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, as a fresh CPU tensor, cast to `dtype` when given."""
+
+    @abstractmethod
+    def weight_files(self) -> list[Path]:
+        """The files that hold the weights (for sizes and provenance hashes)."""
+
+    @abstractmethod
+    def write_side_files(self, dest: Path) -> list[str]:
+        """Write tokenizer files, chat template and generation config into `dest`; return their names."""
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise MoekitError(f"{self.path}: no tensor named {name!r}") from None
+
+    def close(self) -> None:
+        """Release open file handles (readers hold them between `load` calls)."""
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+class FolderCheckpoint(Checkpoint, ABC):
+    """A Hugging Face model folder: config.json plus weights and side files."""
+
+    @cached_property
+    def config(self) -> dict:
+        return _read_json(self.path / "config.json")
+
+    def write_side_files(self, dest: Path) -> list[str]:
+        copied = []
+        for name in SIDE_FILES:
+            if (self.path / name).is_file():
+                shutil.copy2(self.path / name, dest / name)
+                copied.append(name)
+        return copied
+
+
+class SafetensorsCheckpoint(FolderCheckpoint):
+    """`model.safetensors`, or shards listed in `model.safetensors.index.json`."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self._handles: dict[Path, object] = {}
+        self._file_of: dict[str, Path] = {}
+
+    def weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise MoekitError(f"{index}: no weight_map; the index file is damaged")
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise MoekitError(f"{self.path}: shard(s) listed in the index are missing: {', '.join(missing)}")
+            return files
+        return [self.path / "model.safetensors"]
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise MoekitError(f"{file}: not a readable safetensors file (corrupt or truncated?): {e}") from None
+        return self._handles[file]
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorMeta]:
+        metas = {}
+        for file in self.weight_files():
+            handle = self._open(file)
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise MoekitError(f"{file}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+                metas[name] = TensorMeta(name, tuple(sl.get_shape()), dtype)
+                self._file_of[name] = file
+        return metas
+
+    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        self.meta(name)
+        return _cast(self._open(self._file_of[name]).get_tensor(name), dtype)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class PickleCheckpoint(FolderCheckpoint):
+    """`pytorch_model.bin` (or its shards), read only with `torch.load(weights_only=True)`.
+
+    Pickle files cannot be read tensor by tensor; each shard is memory-mapped instead.
+    """
+
+    def weight_files(self) -> list[Path]:
+        index = self.path / "pytorch_model.bin.index.json"
+        if index.is_file():
+            return sorted({self.path / f for f in _read_json(index)["weight_map"].values()})
+        return [self.path / "pytorch_model.bin"]
+
+    @cached_property
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for file in self.weight_files():
+            try:
+                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as e:  # torch raises many types for a bad pickle
+                raise MoekitError(f"{file}: cannot read it with weights_only=True: {e}") from None
+        return state
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorMeta]:
+        return {n: TensorMeta(n, tuple(t.shape), t.dtype) for n, t in self._state.items()}
+
+    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        self.meta(name)
+        return _cast(self._state[name].clone(), dtype)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MoekitError(f"{path.parent}: no {path.name}; is this a Hugging Face model folder?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoekitError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MoekitError(f"{path}: expected a JSON object")
+    return data
+
+
+def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, dtype: torch.dtype | None = None) -> Checkpoint:
+    """Open a model folder, a `.gguf` file, or a built-in name such as `smollm2-135m`.
+
+    `dtype` only matters for GGUF, whose quantised blocks are dequantised to it (float32 by default).
+    """
+    from moekit.checkpoint.sources import resolve_source
+
+    path = resolve_source(source)
+    if path.is_file() and path.suffix == ".gguf":
+        from moekit.checkpoint.gguf import GGUFCheckpoint
+
+        return GGUFCheckpoint(path, dtype=dtype or torch.float32)
+    if path.is_file():
+        raise MoekitError(f"{path}: expected a model folder or a .gguf file")
+    if not (path / "config.json").is_file():
+        raise MoekitError(f"{path}: no config.json; is this a Hugging Face model folder?")
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        return SafetensorsCheckpoint(path)
+    if (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file():
+        if not allow_pickle:
+            raise MoekitError(
+                f"{path}: weights are a pickle (pytorch_model.bin), which can run code when loaded; "
+                "convert it to safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)"
+            )
+        return PickleCheckpoint(path)
+    raise MoekitError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")

@@ -1,0 +1,190 @@
+"""Streaming, atomic checkpoint writer.
+
+The writer is told the whole output plan (names, shapes, dtypes) before any data comes, so each
+safetensors shard's header is written first and tensors are streamed straight after it: memory
+stays at one tensor whatever the model size. Everything goes into a hidden temporary folder beside
+the target, renamed into place only when complete, so an interrupted run never leaves a folder
+that looks like a finished model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moekit.checkpoint.dtypes import SAFETENSORS_NAME
+from moekit.checkpoint.reader import TensorMeta
+from moekit.errors import MoekitError, UsageError
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3  # transformers' default, "5GB"
+_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+TEMP_MARKER = ".moekit-partial-"
+
+
+def parse_size(text: str | int) -> int:
+    """`5GB`, `500MB`, `2GiB` or a number of bytes, as transformers' max_shard_size accepts."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    digits = s.rstrip("KMGTIB")
+    try:
+        size = int(float(digits) * _UNITS[s[len(digits):]])
+    except (ValueError, KeyError):
+        raise UsageError(f"cannot read size {text!r}: write it like 5GB, 500MB or 2GiB") from None
+    if size <= 0:
+        raise UsageError(f"size must be positive, got {text!r}")
+    return size
+
+
+@dataclass
+class _Shard:
+    file_name: str
+    tensors: list[TensorMeta] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def header(self) -> bytes:
+        entries, offset = {"__metadata__": {"format": "pt"}}, 0
+        for t in self.tensors:
+            entries[t.name] = {"dtype": SAFETENSORS_NAME[t.dtype], "shape": list(t.shape),
+                               "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        raw = json.dumps(entries, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
+        return struct.pack("<Q", len(raw)) + raw
+
+
+def plan_shards(plan: list[TensorMeta], max_shard_size: int) -> list[_Shard]:
+    """Split tensors, in order, into shards no larger than max_shard_size (unless one tensor is)."""
+    shards: list[_Shard] = [_Shard("")]
+    for meta in plan:
+        if shards[-1].tensors and shards[-1].nbytes + meta.nbytes > max_shard_size:
+            shards.append(_Shard(""))
+        shards[-1].tensors.append(meta)
+    n = len(shards)
+    for i, shard in enumerate(shards, 1):
+        shard.file_name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+    return shards
+
+
+def check_target(target: Path, sources: list[Path], overwrite: bool) -> None:
+    """Refuse a target that exists (without --overwrite) or that overlaps a source."""
+    target = target.expanduser().resolve()
+    for src in sources:
+        src = src.resolve()
+        src_dir = src if src.is_dir() else src.parent
+        if target == src_dir or src_dir in target.parents:
+            raise UsageError(f"output {target} is the source or inside it; choose a folder elsewhere")
+        if target in src.parents:
+            raise UsageError(f"output {target} contains the source {src}; choose another folder")
+    if target.exists() and not overwrite:
+        raise MoekitError(f"output {target} already exists; pass --overwrite to replace it")
+    if target.exists() and not target.is_dir():
+        raise MoekitError(f"output {target} exists and is not a folder")
+    if not target.parent.is_dir():
+        raise MoekitError(f"output's parent folder {target.parent} does not exist")
+
+
+class CheckpointWriter:
+    """Write a model folder atomically.
+
+    >>> with CheckpointWriter(target, plan, sources=[src]) as out:
+    ...     for meta in plan:
+    ...         out.write(meta.name, make_tensor(meta))
+    ...     out.write_json("config.json", config)
+    ...     out.commit()
+    """
+
+    def __init__(self, target: Path, plan: list[TensorMeta], *, sources: list[Path] = (),
+                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False):
+        self.target = Path(target).expanduser().resolve()
+        check_target(self.target, list(sources), overwrite)
+        names = [m.name for m in plan]
+        if len(set(names)) != len(names):
+            raise ValueError("output plan names a tensor twice")
+        self.shards = plan_shards(plan, max_shard_size)
+        self.total_bytes = sum(m.nbytes for m in plan)
+        self.bytes_written = 0
+        self.temp = self.target.parent / f".{self.target.name}{TEMP_MARKER}{os.getpid()}"
+        self._queue = [(shard, meta) for shard in self.shards for meta in shard.tensors]
+        self._next = 0
+        self._file = None
+        self._committed = False
+
+    def __enter__(self) -> CheckpointWriter:
+        if self.temp.exists():
+            shutil.rmtree(self.temp)
+        self.temp.mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._file:
+            self._file.close()
+        if not self._committed:
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+    @property
+    def files_dir(self) -> Path:
+        """Where side files go before commit (the temporary folder)."""
+        return self.temp
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor of the plan; it must match the planned name, shape and dtype."""
+        if self._next >= len(self._queue):
+            raise ValueError(f"tensor {name} is not in the output plan")
+        shard, meta = self._queue[self._next]
+        if name != meta.name or tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+            raise ValueError(f"got {name} {tuple(tensor.shape)} {tensor.dtype}, plan says {meta}")
+        if shard.tensors[0] is meta:
+            self._open_shard(shard)
+        self._file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+        self.bytes_written += meta.nbytes
+        self._next += 1
+        if shard.tensors[-1] is meta:
+            self._file.close()
+            self._file = None
+
+    def _open_shard(self, shard: _Shard) -> None:
+        self._file = open(self.temp / shard.file_name, "wb")
+        self._file.write(shard.header())
+
+    def write_json(self, name: str, data: dict) -> None:
+        (self.temp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.temp / name).write_text(text)
+
+    def commit(self) -> Path:
+        """Check every planned tensor was written, then move the folder into place."""
+        if self._next != len(self._queue):
+            missing = self._queue[self._next][1].name
+            raise ValueError(f"output incomplete: {missing} and {len(self._queue) - self._next - 1} more not written")
+        if len(self.shards) > 1:
+            weight_map = {m.name: s.file_name for s in self.shards for m in s.tensors}
+            self.write_json("model.safetensors.index.json",
+                            {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        _fsync_folder(self.temp)
+        old = None
+        if self.target.exists():  # --overwrite: swap, then delete the old one
+            old = self.target.parent / f".{self.target.name}.moekit-old-{os.getpid()}"
+            self.target.rename(old)
+        self.temp.rename(self.target)
+        self._committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.target
+
+
+def _fsync_folder(folder: Path) -> None:
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())

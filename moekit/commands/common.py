@@ -1,0 +1,77 @@
+"""What every command shares: consoles, the error boundary, progress, and common options."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from moekit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO, MoekitError
+
+out = Console()  # results and JSON: stdout, so they can be piped
+err = Console(stderr=True)  # progress, warnings, errors
+
+SourceArg = Annotated[str, typer.Argument(help="Model folder, .gguf file, or a built-in name (smollm2-135m).", show_default=False)]
+OutputArg = Annotated[Path, typer.Argument(help="Output folder; must not exist (see --overwrite).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout instead of tables.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists (only once the new one is complete).")]
+ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB.")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model.bin (with torch.load(weights_only=True)).")]
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn):
+    """Turn every failure into one readable line and a meaningful exit code (see README)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except MoekitError as e:
+            raise fail(str(e), e.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; no output was left behind", EXIT_INTERRUPTED) from None
+        except OSError as e:
+            what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise fail(f"{e.filename or ''}: {what}; no output was left behind".lstrip(": "), EXIT_IO) from None
+        except Exception as e:
+            if os.environ.get("MOEKIT_DEBUG"):
+                raise
+            raise fail(f"internal error: {type(e).__name__}: {e} (MOEKIT_DEBUG=1 shows the traceback)", EXIT_INTERNAL) from None
+
+    return wrapper
+
+
+@contextmanager
+def byte_progress(label: str, enabled: bool = True):
+    """A progress bar over bytes written; yields a callback for `pipeline.write_model`."""
+    if not enabled:
+        yield None
+        return
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn(), TextColumn("[dim]{task.fields[tensor]}"), console=err, transient=True)
+    with bar:
+        task = bar.add_task(label, total=None, tensor="")
+
+        def update(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, tensor=name)
+
+        yield update
+
+
+def print_json(data) -> None:
+    out.print_json(json.dumps(data, default=str))

@@ -1,0 +1,26 @@
+"""Errors a user can act on. The CLI prints their message as one line and exits with `exit_code`."""
+
+from __future__ import annotations
+
+# Exit codes, documented in the README: they mean the same thing in every command.
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1  # the command ran, but what it checked did not hold (verify beyond tolerance)
+EXIT_USAGE = 2  # impossible options, or a command that is not built yet (click uses 2 for usage too)
+EXIT_BAD_INPUT = 3  # missing path, corrupt file, unsupported architecture, existing output
+EXIT_IO = 4  # the disk failed us (full, read-only, permission)
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
+EXIT_INTERNAL = 70  # a bug in moekit
+
+
+class MoekitError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class UsageError(MoekitError):
+    exit_code = EXIT_USAGE
+
+
+class NotBuiltYet(UsageError):
+    pass

@@ -1,0 +1,87 @@
+"""Run an output plan: produce each tensor in order and stream it into an atomic output folder.
+
+Surgeries describe their output as a list of `OutputTensor`s (a header and a function that makes
+the tensor); this module knows nothing of surgery, and surgery knows nothing of files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from moekit.checkpoint import Checkpoint, CheckpointWriter, TensorMeta
+from moekit.checkpoint.dtypes import config_name
+from moekit.checkpoint.reader import TOKENIZER_FILES
+from moekit.provenance import build_record, model_card, source_record
+
+Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    meta: TensorMeta
+    produce: Callable[[], torch.Tensor]
+
+
+@dataclass
+class WriteResult:
+    path: Path
+    bytes_written: int
+    seconds: float
+    shards: int
+    side_files: list[str]
+    warnings: list[str]
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
+
+
+def set_dtype(config: dict, dtype: torch.dtype) -> dict:
+    """Record the weights' dtype under the names both transformers lines read."""
+    config = dict(config)
+    config["torch_dtype"] = config_name(dtype)
+    if "dtype" in config:
+        config["dtype"] = config_name(dtype)
+    return config
+
+
+def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *, config: dict,
+                operation: str, options: dict, layers: list[dict], summary: dict, title: str, what: str,
+                extra_sources: list[Checkpoint] = (), max_shard_size: int, overwrite: bool,
+                progress: Progress | None = None) -> WriteResult:
+    """Write `outputs` plus config, side files, moekit.json and README.md; atomic as a whole."""
+    start = time.perf_counter()
+    all_sources = [source, *extra_sources]
+    plan = [o.meta for o in outputs]
+    with CheckpointWriter(target, plan, sources=[s.path for s in all_sources],
+                          max_shard_size=max_shard_size, overwrite=overwrite) as out:
+        for o in outputs:
+            out.write(o.meta.name, o.produce())
+            if progress:
+                progress(out.bytes_written, out.total_bytes, o.meta.name)
+        side_files = source.write_side_files(out.files_dir)
+        warnings = []
+        if not any(f in side_files for f in TOKENIZER_FILES):
+            warnings.append(f"{source.path}: no tokenizer files; the output has none either (copy them in by hand)")
+        out.write_json("config.json", config)
+        seconds = time.perf_counter() - start
+        summary = {**summary, "bytes written": out.total_bytes, "seconds": round(seconds, 2),
+                   "shards": len(out.shards)}
+        records = [source_record(s.path, _hashed_files(s)) for s in all_sources]
+        record = build_record(operation, options, records, layers, summary)
+        out.write_json("moekit.json", record)
+        out.write_text("README.md", model_card(title, what, record))
+        path = out.commit()
+    return WriteResult(path, out.total_bytes, time.perf_counter() - start, len(out.shards), side_files, warnings)
+
+
+def _hashed_files(ckpt: Checkpoint) -> list[Path]:
+    files = list(ckpt.weight_files())
+    if ckpt.path.is_dir():
+        files.append(ckpt.path / "config.json")
+    return files
