@@ -30,7 +30,7 @@ class MoEConfigFields:
     """Config fields of one MoE family; None where the family has no such field."""
 
     routing: Routing
-    experts: str
+    experts: str | tuple[str, ...]  # several names: the first one present wins
     top_k: str = "num_experts_per_tok"
     expert_width: str | None = "moe_intermediate_size"
     shared_experts: str | None = None  # a count of shared experts
@@ -40,7 +40,8 @@ class MoEConfigFields:
 MOE_CONFIG: dict[str, MoEConfigFields] = {
     "mixtral": MoEConfigFields(SOFTMAX_RENORM, "num_local_experts", expert_width="intermediate_size"),
     "qwen2_moe": MoEConfigFields(SOFTMAX_TOPK, "num_experts", shared_width="shared_expert_intermediate_size"),
-    "qwen3_moe": MoEConfigFields(SOFTMAX_TOPK, "num_experts"),
+    # transformers 5.x serialises this count as num_local_experts; 4.57 reads num_experts
+    "qwen3_moe": MoEConfigFields(SOFTMAX_TOPK, ("num_experts", "num_local_experts")),
     "olmoe": MoEConfigFields(SOFTMAX_TOPK, "num_experts", expert_width="intermediate_size"),
     "flex_olmo": MoEConfigFields(SOFTMAX_TOPK, "num_experts", expert_width="intermediate_size"),
     "glm4_moe": MoEConfigFields(SIGMOID_BIASED, "n_routed_experts", shared_experts="n_shared_experts"),
@@ -59,8 +60,10 @@ MOE_CONFIG: dict[str, MoEConfigFields] = {
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite")
 
 
-def read_field(config: dict, field: str | None):
+def read_field(config: dict, field: str | tuple[str, ...] | None):
     """A config value; nested configs (`text_config`) are looked into as well."""
+    if isinstance(field, tuple):
+        return next((v for v in (read_field(config, f) for f in field) if v is not None), None)
     if field is None:
         return None
     if field in config:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -110,12 +111,16 @@ class FolderCheckpoint(Checkpoint, ABC):
 
 
 class SafetensorsCheckpoint(FolderCheckpoint):
-    """`model.safetensors`, or shards listed in `model.safetensors.index.json`."""
+    """`model.safetensors`, or shards listed in `model.safetensors.index.json`.
+
+    The safetensors library validates each file's header; the data is then read with plain
+    `readinto` into a fresh tensor rather than through a memory map, so the resident memory of
+    a surgery is one tensor, not every page of the source it has touched.
+    """
 
     def __init__(self, path: Path):
         super().__init__(path)
-        self._handles: dict[Path, object] = {}
-        self._file_of: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}  # name -> (file, start byte, end byte)
 
     def weight_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
@@ -130,36 +135,46 @@ class SafetensorsCheckpoint(FolderCheckpoint):
             return files
         return [self.path / "model.safetensors"]
 
-    def _open(self, file: Path):
-        if file not in self._handles:
-            from safetensors import SafetensorError, safe_open
-
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise MoekitError(f"{file}: not a readable safetensors file (corrupt or truncated?): {e}") from None
-        return self._handles[file]
-
     @cached_property
     def tensors(self) -> dict[str, TensorMeta]:
         metas = {}
         for file in self.weight_files():
-            handle = self._open(file)
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
+            header, data_start = _safetensors_header(file)
+            for name, info in header.items():
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
                 if dtype is None:
-                    raise MoekitError(f"{file}: tensor {name} has unsupported dtype {sl.get_dtype()}")
-                metas[name] = TensorMeta(name, tuple(sl.get_shape()), dtype)
-                self._file_of[name] = file
+                    raise MoekitError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+                metas[name] = TensorMeta(name, tuple(info["shape"]), dtype)
+                begin, end = info["data_offsets"]
+                self._where[name] = (file, data_start + begin, data_start + end)
         return metas
 
     def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        self.meta(name)
-        return _cast(self._open(self._file_of[name]).get_tensor(name), dtype)
+        meta = self.meta(name)
+        file, start, end = self._where[name]
+        out = torch.empty(meta.shape, dtype=meta.dtype)
+        buf = out.view(-1).view(torch.uint8).numpy() if meta.numel else bytearray()
+        with open(file, "rb") as f:
+            f.seek(start)
+            if f.readinto(buf) != end - start:
+                raise MoekitError(f"{file}: ends inside tensor {name}; the file is truncated")
+        return _cast(out, dtype)
 
-    def close(self) -> None:
-        self._handles.clear()
+
+def _safetensors_header(file: Path) -> tuple[dict, int]:
+    """Validate a safetensors file with the safetensors library; return its header and data offset."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (SafetensorError, OSError, ValueError, struct.error) as e:
+        raise MoekitError(f"{file}: not a readable safetensors file (corrupt or truncated?): {e}") from None
+    header.pop("__metadata__", None)
+    return header, 8 + length
 
 
 class PickleCheckpoint(FolderCheckpoint):

@@ -90,8 +90,8 @@ def check_target(target: Path, sources: list[Path], overwrite: bool) -> None:
         raise MoekitError(f"output {target} already exists; pass --overwrite to replace it")
     if target.exists() and not target.is_dir():
         raise MoekitError(f"output {target} exists and is not a folder")
-    if not target.parent.is_dir():
-        raise MoekitError(f"output's parent folder {target.parent} does not exist")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise MoekitError(f"output's parent {target.parent} is not a folder")
 
 
 class CheckpointWriter:
@@ -123,7 +123,7 @@ class CheckpointWriter:
     def __enter__(self) -> CheckpointWriter:
         if self.temp.exists():
             shutil.rmtree(self.temp)
-        self.temp.mkdir()
+        self.temp.mkdir(parents=True)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import tiny
+
+CACHE = Path(os.environ.get("MOEKIT_TEST_CACHE", Path.home() / ".cache" / "moekit-tests"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """model_type -> folder of a tiny random model; built on first use, once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    built: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in built:
+            built[model_type] = tiny.build(model_type, root / model_type)
+        return built[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M weights as a float32 safetensors folder, converted once and cached
+    outside the repo (set MOEKIT_TEST_CACHE to move the cache)."""
+    target = CACHE / "smollm2-135m-f32"
+    if not (target / "config.json").is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        run_moekit("convert", "smollm2-135m", str(target), "--overwrite", check=True)
+    return target
+
+
+def run_moekit(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"moekit {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
