@@ -69,7 +69,7 @@ def test_inspect_smollm2():
     assert (r["num_layers"], r["hidden_size"], r["dense_ffn_width"], r["kind"]) == (30, 576, 1536, "dense")
     assert 130e6 < r["params_total"] < 140e6
     table = run_moekit("inspect", "smollm2-135m", check=True).stdout
-    assert "576" in table and "1536" in table and "134.5M" in table
+    assert "576" in table and "1,536" in table and "134.5M" in table
 
 
 def test_builtin_missing_package_message(monkeypatch):
