@@ -15,6 +15,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -137,16 +138,24 @@ class CheckpointWriter:
         """Where side files go before commit (the temporary folder)."""
         return self.temp
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor of the plan; it must match the planned name, shape and dtype."""
+    def write(self, name: str, data: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """Write the next tensor of the plan: a tensor, or its dim-0 chunks in order (so a fused
+        [experts, ...] tensor can be streamed expert by expert). Name, shape and dtype must match the plan."""
         if self._next >= len(self._queue):
             raise ValueError(f"tensor {name} is not in the output plan")
         shard, meta = self._queue[self._next]
-        if name != meta.name or tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
-            raise ValueError(f"got {name} {tuple(tensor.shape)} {tensor.dtype}, plan says {meta}")
+        if name != meta.name:
+            raise ValueError(f"got {name}, the plan's next tensor is {meta.name}")
         if shard.tensors[0] is meta:
             self._open_shard(shard)
-        self._file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+        rows = 0
+        for chunk in [data] if isinstance(data, torch.Tensor) else data:
+            if chunk.dtype != meta.dtype or tuple(chunk.shape[1:]) != meta.shape[1:] or chunk.dim() != len(meta.shape):
+                raise ValueError(f"{name}: got {tuple(chunk.shape)} {chunk.dtype}, plan says {meta.shape} {meta.dtype}")
+            self._file.write(chunk.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+            rows += chunk.shape[0] if chunk.dim() else 1
+        if rows != (meta.shape[0] if meta.shape else 1):
+            raise ValueError(f"{name}: got {rows} rows, plan says {meta.shape}")
         self.bytes_written += meta.nbytes
         self._next += 1
         if shard.tensors[-1] is meta:

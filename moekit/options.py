@@ -1,0 +1,63 @@
+"""Options of each surgery as one pydantic model, shared by the CLI flags and YAML recipes.
+
+A recipe is the same fields in YAML (see recipes/); flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moekit.errors import UsageError
+
+RouterInit = Literal["random", "uniform", "zero", "kmeans", "prompts"]
+
+
+class UpcycleOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    output: Path
+    experts: int = Field(8, description="N experts per MoE layer")
+    top_k: int = Field(2, description="K experts per token")
+    target: str | None = None
+    shared_experts: int | None = None
+    router_init: RouterInit = "random"
+    calibration: Path | None = None
+    calibration_tokens: int = 8192
+    prompts: list[Path] = []
+    negative_prompts: Path | None = None
+    noise: float = 0.0
+    drop_upcycling: float = 0.0
+    moe_layers: str = "all"
+    expert_sources: list[str] = []
+    dtype: str | None = None
+    max_shard_size: str = "5GB"
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+    allow_pickle: bool = False
+
+
+def load_options(model: type[BaseModel], recipe: Path | None, cli: dict) -> BaseModel:
+    """Merge a YAML recipe with the flags that were given (None means not given)."""
+    data = {}
+    if recipe is not None:
+        try:
+            data = yaml.safe_load(Path(recipe).read_text()) or {}
+        except FileNotFoundError:
+            raise UsageError(f"recipe {recipe} does not exist") from None
+        except yaml.YAMLError as e:
+            raise UsageError(f"recipe {recipe} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"recipe {recipe} must be a mapping of option: value")
+    data.update({k: v for k, v in cli.items() if v is not None and v != []})
+    try:
+        return model(**data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "options"
+        raise UsageError(f"{where}: {first['msg']}" + (f" (in recipe {recipe})" if recipe else "")) from None

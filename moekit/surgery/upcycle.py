@@ -1,0 +1,251 @@
+"""Dense → MoE upcycling as an output plan: every expert starts as a copy of the dense FFN.
+
+Pure tensor logic: it reads tensors through a `Checkpoint` and returns `OutputTensor`s plus the
+new config; it never touches files or the CLI.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import torch
+
+from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.errors import MoekitError, UsageError
+from moekit.inspect import describe
+from moekit.pipeline import OutputTensor
+from moekit.targets import DEFAULT_TARGET, DENSE_FFN, TARGETS, WHY_NOT, Target
+
+PROJS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class UpcyclePlan:
+    outputs: list[OutputTensor]
+    config: dict
+    layers: list[dict]
+    target: Target
+    moe_layers: list[int]
+
+
+def choose_target(parent_type: str, requested: str | None) -> Target:
+    if requested is None:
+        if parent_type not in DEFAULT_TARGET:
+            raise MoekitError(f"no upcycle for dense model_type {parent_type!r} (supported: {', '.join(DEFAULT_TARGET)})")
+        requested = DEFAULT_TARGET[parent_type]
+    if requested in WHY_NOT:
+        raise UsageError(f"cannot upcycle into {requested}: {WHY_NOT[requested]}")
+    if requested not in TARGETS:
+        raise UsageError(f"unknown target {requested!r} (known: {', '.join(TARGETS)})")
+    target = TARGETS[requested]
+    if parent_type not in target.parents:
+        raise UsageError(f"{parent_type} → {requested} is not exact; {requested} takes {', '.join(target.parents)} "
+                         f"(default for {parent_type}: {DEFAULT_TARGET.get(parent_type, 'none')})")
+    return target
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """`all`, `every:2` (layers 1,3,5..: Qwen's decoder_sparse_step), `0-3,20-29`, `skip-first:2,skip-last:2`."""
+    spec = spec.strip().lower()
+    chosen: set[int] = set(range(n_layers))
+    try:
+        if spec == "all":
+            pass
+        elif spec.startswith("every:"):
+            step = int(spec.split(":")[1])
+            chosen = {i for i in range(n_layers) if (i + 1) % step == 0}
+        elif spec.startswith("skip-"):
+            for part in spec.split(","):
+                kind, n = part.split(":")
+                n = int(n)
+                if kind == "skip-first":
+                    chosen -= set(range(n))
+                elif kind == "skip-last":
+                    chosen -= set(range(n_layers - n, n_layers))
+                else:
+                    raise ValueError(kind)
+        else:
+            chosen = set()
+            for part in spec.split(","):
+                lo, _, hi = part.partition("-")
+                chosen |= set(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UsageError(f"cannot read --moe-layers {spec!r}: use all, every:2, 0-3,20-29 or skip-first:2,skip-last:2") from None
+    if not chosen or max(chosen) >= n_layers or min(chosen) < 0:
+        raise UsageError(f"--moe-layers {spec!r} selects no layer, or one outside 0-{n_layers - 1}")
+    return sorted(chosen)
+
+
+def layer_config(target: Target, moe_layers: list[int], n_layers: int) -> dict:
+    """The target's own fields that say which layers are MoE; refuse what it cannot say."""
+    dense = [i for i in range(n_layers) if i not in moe_layers]
+    if not dense:
+        return {"decoder_sparse_step": 1, "mlp_only_layers": []} if target.layer_fields == "sparse_step" else (
+            {"first_k_dense_replace": 0} if target.layer_fields == "first_k" else {})
+    if target.layer_fields == "sparse_step":
+        return {"decoder_sparse_step": 1, "mlp_only_layers": dense}
+    if target.layer_fields == "first_k" and dense == list(range(len(dense))):
+        return {"first_k_dense_replace": len(dense)}
+    how = {"first_k": "only its first k layers dense (skip-first:k)", "all": "every layer MoE"}[target.layer_fields]
+    raise UsageError(f"{target.model_type} can only have {how}; --moe-layers asks for dense layers {dense}")
+
+
+def build_config(parent: dict, target: Target, n: int, k: int, shared: int, d_ff: int, moe_layers: list[int]) -> dict:
+    """Edit the parent's own config dict (BRIEF §4: never re-serialise through transformers 5.x)."""
+    cfg = dict(parent)
+    n_layers = parent["num_hidden_layers"]
+    cfg.update(model_type=target.model_type, architectures=[target.architecture], num_experts_per_tok=k,
+               output_router_logits=False)
+    cfg.update({f: n for f in target.experts_fields})
+    cfg[target.width_field] = d_ff
+    cfg.setdefault("intermediate_size", d_ff)  # dense layers keep the parent's FFN
+    if target.shared_field:
+        cfg[target.shared_field] = shared if target.shared_is_count else d_ff * shared
+    cfg.update(target.config)
+    cfg.update(layer_config(target, moe_layers, n_layers))
+    if "partial_rotary_factor" in target.config and isinstance(cfg.get("rope_parameters"), dict):
+        cfg["rope_parameters"] = {**cfg["rope_parameters"], "partial_rotary_factor": target.config["partial_rotary_factor"]}
+    if target.model_type == "mixtral":
+        cfg["sliding_window"] = parent.get("sliding_window")  # Mixtral's class default differs
+    if target.model_type == "glm4_moe":
+        cfg["use_qk_norm"] = parent["model_type"] == "qwen3"
+        cfg["attention_bias"] = parent["model_type"] == "qwen2" or parent.get("attention_bias", False)
+    return cfg
+
+
+def router_rows(init: str, n: int, hidden: int, gen: torch.Generator, std: float) -> torch.Tensor:
+    """Router weights [N, H] for the data-free inits; data-driven ones come from router_init."""
+    if init == "zero":  # every expert equal: top-k picks by index until training breaks ties
+        return torch.zeros(n, hidden)
+    if init == "uniform":  # nn.Linear's default init
+        bound = hidden ** -0.5
+        return torch.empty(n, hidden).uniform_(-bound, bound, generator=gen)
+    return torch.randn(n, hidden, generator=gen) * std
+
+
+def perturb(w: torch.Tensor, proj: str, noise: float, drop: float, gen_seed: int) -> torch.Tensor:
+    """Symmetry breaking for one expert's projection (breaks exactness on purpose).
+
+    noise: add N(0, (noise·std(W))²). drop (Drop-Upcycling): re-draw a ratio `drop` of the expert's
+    neurons from N(mean(W), std(W)); the neuron set is drawn from `gen_seed` alone, so gate, up and
+    down of one expert drop the same neurons (rows of gate/up, columns of down).
+    """
+    w = w.float().clone()
+    if drop > 0:
+        width = w.shape[1] if proj == "down" else w.shape[0]
+        picked = torch.randperm(width, generator=torch.Generator().manual_seed(gen_seed))[: int(round(drop * width))]
+        gen = torch.Generator().manual_seed(gen_seed * 7 + PROJS.index(proj))
+        view = w.T if proj == "down" else w
+        view[picked] = torch.randn(len(picked), view.shape[1], generator=gen) * w.std() + w.mean()
+    if noise > 0:
+        gen = torch.Generator().manual_seed(gen_seed * 13 + PROJS.index(proj))
+        w += torch.randn(w.shape, generator=gen) * (noise * w.std())
+    return w
+
+
+def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, shared: int | None = None,
+                 moe_layers_spec: str = "all", router_init: str = "random", data_rows: dict[int, torch.Tensor] | None = None,
+                 noise: float = 0.0, drop: float = 0.0, expert_sources: list[Checkpoint] = (),
+                 dtype: torch.dtype | None = None, seed: int = 0) -> UpcyclePlan:
+    parent = ckpt.config
+    report = describe(ckpt)
+    if report["kind"] == "moe":
+        raise MoekitError(f"{ckpt.path} is already an MoE model; use split-granularity or add-experts")
+    target = choose_target(parent.get("model_type", "unknown"), target_name)
+    for key, value in target.parent_requires.items():
+        if parent.get(key, value) != value:
+            raise UsageError(f"{target.model_type} cannot represent {key}={parent[key]} of the parent")
+    if n < 2:
+        raise UsageError(f"--experts must be at least 2, got {n}")
+    if not 1 <= k <= n:
+        raise UsageError(f"--top-k must be between 1 and --experts ({n}), got {k}")
+    lo, hi = target.shared_range
+    shared = lo if shared is None else shared
+    if not lo <= shared <= hi:
+        raise UsageError(f"{target.model_type} holds {lo}–{hi} shared experts, got --shared-experts {shared}")
+    if not 0 <= drop < 1 or noise < 0:
+        raise UsageError("--drop-upcycling must be in [0, 1) and --noise ≥ 0")
+    if expert_sources and len(expert_sources) != n:
+        raise UsageError(f"--expert-sources gives {len(expert_sources)} models for {n} experts; give one per expert")
+
+    n_layers = parent["num_hidden_layers"]
+    moe_layers = parse_layers(moe_layers_spec, n_layers)
+    d_ff = ckpt.meta(DENSE_FFN.format(i=0, proj="up")).shape[0]
+    hidden = parent["hidden_size"]
+    config = build_config(parent, target, n, k, shared, d_ff, moe_layers)
+    for src in expert_sources:
+        _check_same_ffn(ckpt, src, moe_layers)
+
+    out_dtype = dtype or next(iter(ckpt.tensors.values())).dtype
+    load = lru_cache(maxsize=8)(lambda src_idx, name: ([ckpt, *expert_sources][src_idx]).load(name, out_dtype))
+
+    def ffn(i: int, proj: str, e: int | None = None) -> torch.Tensor:
+        name = DENSE_FFN.format(i=i, proj=proj)
+        w = load(e + 1 if expert_sources and e is not None else 0, name)
+        if e is not None and (noise or drop):
+            w = perturb(w, proj, noise, drop, gen_seed=(seed * 1_000_003 + i) * 1009 + e).to(out_dtype)
+        return w
+
+    ffn_names = {DENSE_FFN.format(i=i, proj=p) for i in moe_layers for p in PROJS}
+    outputs: list[OutputTensor] = []
+    layers: list[dict] = []
+    std = parent.get("initializer_range", 0.02)
+    for meta in ckpt.tensors.values():
+        if meta.name not in ffn_names:
+            outputs.append(OutputTensor(replace(meta, dtype=out_dtype if meta.dtype.is_floating_point else meta.dtype),
+                                        lambda name=meta.name: ckpt.load(name, out_dtype)))
+            continue
+        i = int(re.search(r"layers\.(\d+)\.", meta.name).group(1))
+        if meta.name != DENSE_FFN.format(i=i, proj="gate"):  # each layer's block is emitted once, at its gate
+            continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        rows = data_rows[i] if data_rows else router_rows(router_init, n, hidden, gen, std)
+        outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, rows)
+        layers.append({"layer": i, "experts": n, "top_k": k, "shared_experts": shared, "router_init": router_init,
+                       "expert_sources": [str(s.path) for s in expert_sources] or None,
+                       "noise": noise, "drop_upcycling": drop})
+    return UpcyclePlan(outputs, config, layers, target, moe_layers)
+
+
+def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, rows) -> list[OutputTensor]:
+    def meta(name, *shape, dt=dtype):
+        return TensorMeta(name.format(i=i), tuple(shape), dt)
+
+    block = [OutputTensor(meta(t.router, n, hidden), lambda: rows.to(dtype))]
+    if t.router_bias:  # selection bias starts at zero; kept in fp32 as DeepSeek-V3 does
+        block.append(OutputTensor(meta(t.router_bias, n, dt=torch.float32), lambda: torch.zeros(n)))
+    if t.expert:
+        for e in range(n):
+            for p in PROJS:
+                shape = (hidden, d_ff) if p == "down" else (d_ff, hidden)
+                name = t.expert.format(i=i, e=e, proj=t.proj[p])
+                block.append(OutputTensor(TensorMeta(name, shape, dtype), lambda e=e, p=p: ffn(i, p, e)))
+    else:  # fused per layer: written expert by expert, so memory stays at one expert
+        block.append(OutputTensor(meta(t.fused_gate_up, n, 2 * d_ff, hidden),
+                                  lambda: (torch.cat([ffn(i, "gate", e), ffn(i, "up", e)])[None] for e in range(n))))
+        block.append(OutputTensor(meta(t.fused_down, n, hidden, d_ff), lambda: (ffn(i, "down", e)[None] for e in range(n))))
+    if shared and t.shared:  # shared experts: the dense FFN's gate/up, zero down_proj → zero output
+        width = d_ff * shared
+        for p in PROJS:
+            shape = (hidden, width) if p == "down" else (width, hidden)
+            produce = (lambda s=shape: torch.zeros(s, dtype=dtype)) if p == "down" else (
+                lambda p=p: ffn(i, p).repeat(shared, 1))
+            block.append(OutputTensor(meta(t.shared.format(i="{i}", proj=t.proj[p]), *shape), produce))
+        if t.shared_gate:
+            block.append(OutputTensor(meta(t.shared_gate, 1, hidden), lambda: torch.zeros(1, hidden, dtype=dtype)))
+    if shared and t.shared_fused:
+        gate_up, down = t.shared_fused
+        block.append(OutputTensor(meta(gate_up, 2 * d_ff, hidden), lambda: torch.cat([ffn(i, "gate"), ffn(i, "up")])))
+        block.append(OutputTensor(meta(down, hidden, d_ff), lambda: torch.zeros(hidden, d_ff, dtype=dtype)))
+    return block
+
+
+def _check_same_ffn(base: Checkpoint, other: Checkpoint, layers: list[int]) -> None:
+    for i in layers:
+        for p in PROJS:
+            name = DENSE_FFN.format(i=i, proj=p)
+            if name not in other.tensors or other.meta(name).shape != base.meta(name).shape:
+                raise MoekitError(f"{other.path}: {name} missing or shaped differently from the base; "
+                                  "--expert-sources must be fine-tunes of the same base")

@@ -1,0 +1,46 @@
+"""The upcycle job: open sources, plan the surgery, write the folder. Shared by CLI and recipes."""
+
+from __future__ import annotations
+
+from moekit.checkpoint import open_checkpoint
+from moekit.checkpoint.dtypes import parse_dtype
+from moekit.checkpoint.writer import parse_size
+from moekit.options import UpcycleOptions
+from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
+from moekit.surgery.upcycle import plan_upcycle
+
+
+def run_upcycle(opts: UpcycleOptions, progress: Progress | None = None) -> tuple[WriteResult, dict]:
+    dtype = parse_dtype(opts.dtype) if opts.dtype else None
+    shard = parse_size(opts.max_shard_size)
+    ckpt = open_checkpoint(opts.source, allow_pickle=opts.allow_pickle, dtype=dtype)
+    extra = [open_checkpoint(s, allow_pickle=opts.allow_pickle, dtype=dtype) for s in opts.expert_sources]
+    data_rows = None
+    if opts.router_init in ("kmeans", "prompts"):
+        from moekit.surgery.router_init import data_router_rows
+
+        data_rows = data_router_rows(ckpt, opts)
+    plan = plan_upcycle(ckpt, opts.target, opts.experts, opts.top_k, shared=opts.shared_experts,
+                        moe_layers_spec=opts.moe_layers, router_init=opts.router_init, data_rows=data_rows,
+                        noise=opts.noise, drop=opts.drop_upcycling, expert_sources=extra, dtype=dtype, seed=opts.seed)
+    out_dtype = plan.outputs[0].meta.dtype
+    total = sum(o.meta.numel for o in plan.outputs)
+    expert_params = sum(o.meta.numel for o in plan.outputs if ".experts." in o.meta.name or "_linear" in o.meta.name
+                        and "shared" not in o.meta.name)
+    active = total - expert_params + expert_params * opts.top_k // opts.experts
+    exact = not (opts.noise or opts.drop_upcycling)
+    summary = {"target": plan.target.model_type, "experts": opts.experts, "top_k": opts.top_k,
+               "shared_experts": plan.layers[0]["shared_experts"] if plan.layers else 0,
+               "moe_layers": len(plan.moe_layers), "router_init": opts.router_init, "exact": exact,
+               "params_total": total, "params_active": active, "dtype": str(out_dtype).removeprefix("torch.")}
+    result = write_model(
+        opts.output, ckpt, plan.outputs, config=set_dtype(plan.config, out_dtype), operation="upcycle",
+        options=opts.model_dump(mode="json"), layers=plan.layers, summary=summary,
+        title=f"{plan.target.architecture} upcycled from {ckpt.path.name}",
+        what=(f"A {plan.target.model_type} Mixture-of-Experts model with {opts.experts} experts and top-{opts.top_k} "
+              f"routing in {len(plan.moe_layers)} layers, each expert a copy of the dense FFN of `{ckpt.path.name}`. "
+              + ("It computes exactly what its parent computes until it is trained." if exact else
+                 "Experts were perturbed on purpose (noise / Drop-Upcycling), so it is close to, not equal to, its parent.")),
+        extra_sources=extra, max_shard_size=shard, overwrite=opts.overwrite, progress=progress)
+    return result, {**summary, "output": str(result.path), "bytes": result.bytes_written,
+                    "seconds": round(result.seconds, 2), "MB/s": round(result.mb_per_s, 1)}
