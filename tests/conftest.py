@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,26 @@ def smollm2() -> Path:
     return target
 
 
-def run_moekit(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess, as a user would."""
-    proc = subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True, **kw)
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_moekit(*args: str, check: bool = False) -> Run:
+    """Run the real CLI in this process (a subprocess costs seconds of imports per call)."""
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    proc = Run(result.exit_code, result.stdout, result.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"moekit {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def run_moekit_process(*args: str) -> subprocess.CompletedProcess:
+    """Run the CLI as a separate process, where process behaviour itself is under test."""
+    return subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True)
