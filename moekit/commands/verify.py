@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from moekit.commands.common import JsonOpt, err, handle_errors, out, print_json
+from moekit.errors import EXIT_CHECK_FAILED, MoekitError
+
+ModelArg = Annotated[str, typer.Argument(show_default=False, help="Model folder, .gguf file, or a built-in name (smollm2-135m).")]
+
+
+@handle_errors
+def verify_command(
+    parent: ModelArg,
+    child: ModelArg,
+    data: Annotated[Path | None, typer.Option(help="Compare on this text (.txt, or .jsonl with a \"text\" field), tokenised by PARENT's tokenizer. Default: random token ids.", show_default=False)] = None,
+    tokens: Annotated[int, typer.Option(min=1, help="Token positions to compare.")] = 4096,
+    batch: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu, cuda, cuda:N.")] = "auto",
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Largest max relative logit error that passes.")] = 1e-5,
+    dtype: Annotated[str, typer.Option(help="Dtype both models run in: float32, bfloat16, float16.")] = "float32",
+    seed: Annotated[int, typer.Option(help="Seed of the random token ids.")] = 0,
+    json_output: JsonOpt = False,
+) -> None:
+    """Check that CHILD computes what PARENT computes: run both on the same tokens, compare logits.
+
+    Both models are loaded by stock transformers (no remote code) and run on the same token ids:
+    random ones by default (seeded, below the smaller vocabulary), or text from --data. Reports
+    the max relative logit error (max |parent - child| / max |parent| over every position), the
+    mean absolute error, top-1 agreement and KL(parent || child) per token.
+
+    Exit 0 when the max relative error is within --tolerance, 1 beyond it. An exact surgery
+    (upcycle, split-granularity) stays near 1e-6 in float32; bfloat16 needs a looser tolerance.
+
+    Examples:
+      moekit verify smollm2-135m ./smollm2-moe
+      moekit verify ./moe ./moe-fine --data notes.txt --tokens 2048 --device cuda
+      moekit verify ./base ./grown --tolerance 1e-3 --json | jq .top1_agreement
+    """
+    from transformers.utils import logging as hf_logging
+
+    from moekit.checkpoint.dtypes import config_name, parse_dtype
+    from moekit.checkpoint.sources import resolve_source
+    from moekit.verify import compare_models, load_model, load_tokenizer, make_inputs, resolve_device, vocab_size
+
+    # Bad options and missing paths fail now, not after minutes of loading.
+    torch_dtype, where = parse_dtype(dtype), resolve_device(device)
+    resolve_source(parent), resolve_source(child)
+    if data is not None and not data.is_file():
+        raise MoekitError(f"{data}: no such file")
+    hf_logging.set_verbosity_error()  # our own warnings say what matters; keep stderr to one line each
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    parent_model, warnings = load_model(parent, torch_dtype, where)
+    child_model, child_warnings = load_model(child, torch_dtype, where)
+    warnings += child_warnings
+    vocab = min(vocab_size(parent_model), vocab_size(child_model))
+    batches = make_inputs(vocab, tokens, batch, seq_len, seed, data, load_tokenizer(parent) if data else None)
+    load_seconds = time.perf_counter() - start
+    with err.status(f"comparing on {sum(b.numel() for b in batches):,} tokens", spinner="dots") if not json_output else nullcontext():
+        result = compare_models(parent_model, child_model, batches)
+
+    passed = result["max_rel_error"] <= tolerance  # False for NaN/inf as well
+    report = {"parent": parent, "child": child,
+              "parent_type": parent_model.config.model_type, "child_type": child_model.config.model_type,
+              "inputs": str(data) if data else f"random ids (seed {seed})", "device": str(where), "dtype": config_name(torch_dtype),
+              **result, "load_seconds": load_seconds, "tolerance": tolerance, "passed": passed, "warnings": warnings}
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    if json_output:  # JSON has no NaN/inf: those (broken logits) print as null
+        print_json({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in report.items()})
+    else:
+        out.print(report_table(report))
+    verdict = (f"{result['max_rel_error']:.3g} {'≤' if passed else '>'} tolerance {tolerance:.3g} "
+               f"over {result['tokens']:,} tokens ({result['top1_agreement']:.2%} same top-1)")
+    err.print(f"[bold green]PASS[/] {verdict}" if passed else f"[bold red]FAIL[/] {verdict}", highlight=False)
+    if not passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def report_table(r: dict) -> Table:
+    t = Table(title="verify: CHILD against PARENT", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("parent", f"{r['parent']} ({r['parent_type']})")
+    t.add_row("child", f"{r['child']} ({r['child_type']})")
+    t.add_row("inputs", f"{r['inputs']}: {r['tokens']:,} tokens in {r['sequences']:,} sequences")
+    t.add_row("run", f"{r['device']}, {r['dtype']}, vocab {r['vocab_compared']:,}")
+    t.add_row("max relative error", f"{r['max_rel_error']:.3g}  (tolerance {r['tolerance']:.3g})")
+    t.add_row("max / mean abs error", f"{r['max_abs_error']:.3g} / {r['mean_abs_error']:.3g}  (max |logit| {r['max_abs_logit']:.3g})")
+    t.add_row("top-1 agreement", f"{r['top1_agreement']:.2%}")
+    t.add_row("KL(parent‖child)", f"{r['kl_per_token']:.3g} per token")
+    t.add_row("seconds", f"{r['seconds']:.1f} compare, {r['load_seconds']:.1f} load")
+    return t

@@ -1,0 +1,175 @@
+"""Compare the logits of two causal LMs on the same token ids: does CHILD reproduce PARENT?
+
+Both models are loaded by stock transformers (no remote code), so what is measured is what a
+user of the output gets. The pair can be anything that shares a vocabulary: dense -> MoE,
+MoE -> finer MoE, MoE -> more experts, or two unrelated checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moekit.checkpoint.sources import resolve_source
+from moekit.errors import MoekitError
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """`auto` -> cuda when available, else cpu; a clear error for a device that is not there."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MoekitError(f"unknown device {str(name)!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoekitError(f"device {str(name)!r} requested, but torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MoekitError(f"device {str(name)!r} requested, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _from_pretrained(cls, source: str | Path, what: str, **kw):
+    """`cls.from_pretrained` on a folder or a .gguf file; any failure becomes one line."""
+    path = resolve_source(source)
+    if path.suffix == ".gguf":
+        where, kw = path.parent, {**kw, "gguf_file": path.name}
+    elif (path / "config.json").is_file():
+        where = path
+    else:
+        raise MoekitError(f"{path}: not a model folder (no config.json) nor a .gguf file")
+    try:
+        return cls.from_pretrained(where, **kw)
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError/... for unloadable input
+        reason = " ".join(str(e).split())  # transformers' messages span lines; the user gets one
+        raise MoekitError(f"{path}: transformers cannot load its {what}: {reason[:300]}") from None
+
+
+def load_model(source: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "auto") -> tuple[torch.nn.Module, list[str]]:
+    """The model in eval mode on `device`, and warnings about weights the checkpoint lacked
+    (transformers initialises those randomly, so the comparison would measure noise)."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    model, info = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype, output_loading_info=True)
+    warnings = []
+    for kind, consequence in (("missing_keys", "missing from the checkpoint, randomly initialised"),
+                              ("unexpected_keys", "in the checkpoint but not used by the model")):
+        keys = sorted(info.get(kind) or ())
+        if keys:
+            warnings.append(f"{source}: {len(keys)} weight(s) {consequence}: {', '.join(keys[:3])}"
+                            + (", ..." if len(keys) > 3 else ""))
+    return model.to(device).eval(), warnings
+
+
+def load_tokenizer(source: str | Path):
+    """The tokenizer stored with a model folder or inside a .gguf file."""
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, source, "tokenizer (needed to tokenise --data)")
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """How many token ids the model accepts (its input embedding rows, whatever config says)."""
+    return model.get_input_embeddings().num_embeddings
+
+
+def _texts(data: Path) -> Iterator[str]:
+    """Documents of a .jsonl file (its "text" fields) or 64 KB pieces of any other text file."""
+    with open(data, encoding="utf-8", errors="replace") as f:  # odd bytes must not stop a check
+        if data.suffix != ".jsonl":
+            while piece := f.read(1 << 16):  # streaming: only the first --tokens tokens are needed
+                yield piece
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                raise MoekitError(f"{data}:{n}: expected a JSON object with a \"text\" field") from None
+
+
+def make_inputs(vocab: int, tokens: int = 4096, batch: int = 8, seq_len: int = 256, seed: int = 0,
+                data: Path | None = None, tokenizer=None) -> list[torch.Tensor]:
+    """Batches of token ids [b, seq_len] holding `tokens` ids in all (the last sequence may be
+    shorter and then forms its own batch). Random ids below `vocab` from a seeded generator, or
+    the first `tokens` ids of `data` tokenised with `tokenizer` (documents separated by EOS)."""
+    if data is None:
+        ids = torch.randint(vocab, (tokens,), generator=torch.Generator().manual_seed(seed))
+    else:
+        data = Path(data)
+        if not data.is_file():
+            raise MoekitError(f"{data}: no such file")
+        flat: list[int] = []
+        for text in _texts(data):
+            flat += tokenizer(text, add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None and data.suffix == ".jsonl":
+                flat.append(tokenizer.eos_token_id)
+            if len(flat) >= tokens:
+                break
+        if not flat:
+            raise MoekitError(f"{data}: no text to compare on (empty file?)")
+        ids = torch.tensor(flat[:tokens])
+        if ids.max() >= vocab:
+            raise MoekitError(f"{data}: the tokenizer yields id {ids.max().item()}, but a model accepts only {vocab} ids: "
+                              "the two models do not share PARENT's vocabulary")
+    full = len(ids) // seq_len * seq_len
+    batches = list(ids[:full].view(-1, seq_len).split(batch))
+    if full < len(ids):
+        batches.append(ids[full:].unsqueeze(0))
+    return batches
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids.to(model.device), use_cache=False).logits
+    return logits.float().flatten(0, -2)  # [positions, vocab]; metrics in fp32 whatever the model dtype
+
+
+@torch.no_grad()
+def compare_models(parent_model: torch.nn.Module, child_model: torch.nn.Module,
+                   input_ids_batches: list[torch.Tensor]) -> dict:
+    """Run both models on every batch and measure how far CHILD's logits are from PARENT's.
+
+    max_rel_error = max |a - b| / max |a| over all positions and vocabulary entries (a: PARENT);
+    NaN or inf in either model counts as an infinite error. KL(PARENT || CHILD) is per token.
+    If the vocabularies differ in size, the first min(V_parent, V_child) logits are compared.
+    """
+    start = time.perf_counter()
+    max_err = max_ref = abs_sum = kl_sum = 0.0
+    agree = positions = elements = 0
+    for ids in input_ids_batches:
+        a = _logits(parent_model, ids)
+        b = _logits(child_model, ids).to(a.device)
+        v = min(a.shape[-1], b.shape[-1])
+        a, b = a[:, :v], b[:, :v]
+        diff = (a - b).abs().nan_to_num(nan=math.inf)  # python's max() would silently skip a NaN
+        max_err = max(max_err, diff.max().item())
+        max_ref = max(max_ref, a.abs().max().item())
+        abs_sum += diff.sum(dtype=torch.float64).item()
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        kl_sum += F.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum").item()
+        positions += a.shape[0]
+        elements += a.numel()
+    if not positions:
+        raise MoekitError("no tokens to compare")
+    return {
+        "max_rel_error": max_err / max_ref if max_ref else max_err,  # all-zero parent logits: absolute error
+        "max_abs_error": max_err,
+        "mean_abs_error": abs_sum / elements,
+        "max_abs_logit": max_ref,
+        "top1_agreement": agree / positions,
+        "kl_per_token": max(kl_sum / positions, 0.0),  # rounding can make a zero KL a hair negative
+        "tokens": positions,
+        "sequences": sum(ids.shape[0] for ids in input_ids_batches),
+        "vocab_compared": v,
+        "seconds": time.perf_counter() - start,
+    }
