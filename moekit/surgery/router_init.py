@@ -1,0 +1,446 @@
+"""Data-driven router rows for upcycling.
+
+An upcycled layer starts with N identical experts, so its output does not depend on the router
+(BRIEF §2); the router only decides which experts will *specialise* once training starts. Rows
+taken from the data give each expert a distinct region of the space the router actually sees,
+instead of a random projection:
+
+- k-means: cluster the hidden states that enter the layer's MLP (= what the new router will
+  receive) on calibration text; one centroid per expert (LLaMA-MoE v2).
+- prompts: mergekit-moe's "hidden" gate mode; expert i's row points at the mean hidden state of
+  prompts describing its domain, minus the mean of negative prompts.
+
+Everything here is plain torch + transformers: no CLI, no printing, no downloads.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sysconfig
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from moekit.checkpoint import Checkpoint
+from moekit.checkpoint.reader import TOKENIZER_FILES
+from moekit.errors import MoekitError
+
+# Config keys that `AutoConfig.for_model` must not see: the type is its positional argument,
+# `auto_map` would point at remote code, `quantization_config` makes transformers expect
+# quantised weights, and the dtype is ours to choose (fp32).
+_DROPPED_CONFIG_KEYS = ("model_type", "auto_map", "quantization_config", "torch_dtype", "dtype")
+
+
+# --------------------------------------------------------------------------- model and tokenizer
+
+
+def load_dense_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The checkpoint as an fp32 transformers causal LM on `device`, in eval mode.
+
+    Built from the config, then filled one tensor at a time from `ckpt.load`, so the same code
+    serves safetensors folders and GGUF files (whose tensors `from_pretrained` cannot stream).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {k: v for k, v in ckpt.config.items() if k not in _DROPPED_CONFIG_KEYS}
+    model_type = ckpt.config.get("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except (KeyError, ValueError) as e:
+        raise MoekitError(f"{ckpt.path}: transformers cannot build a {model_type!r} model: {e}") from None
+    # Allocate straight on the device and skip random init: every weight is overwritten below,
+    # and initialising a multi-billion-parameter model on a CPU alone takes minutes.
+    with torch.device(device), _no_init_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.float()
+
+    state = model.state_dict()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = []
+    with torch.no_grad():
+        for name, target in state.items():
+            if name not in ckpt.tensors:
+                if not (tied and name == "lm_head.weight"):
+                    missing.append(name)
+                continue
+            loaded = ckpt.load(name, torch.float32)
+            if tuple(loaded.shape) != tuple(target.shape):
+                raise MoekitError(f"{ckpt.path}: {name} has shape {tuple(loaded.shape)}, the config implies {tuple(target.shape)}")
+            target.copy_(loaded)
+    if missing:
+        raise MoekitError(f"{ckpt.path}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
+    if tied:
+        model.tie_weights()  # lm_head was left uninitialised; make it the embedding again
+    return model.eval()
+
+
+def _no_init_weights():
+    try:  # transformers 5.x
+        from transformers.initialization import no_init_weights
+    except ImportError:  # 4.57
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def load_tokenizer(ckpt: Checkpoint):
+    """The source's own tokenizer: from the folder's files, or rebuilt from a GGUF's metadata."""
+    from transformers import AutoTokenizer
+
+    path = Path(ckpt.path)
+    try:
+        if path.is_file():  # GGUF carries its vocabulary inside
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise MoekitError(
+                f"{path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); data-driven router init needs one "
+                "to read calibration text; copy the tokenizer files into the folder or use random router init"
+            )
+        return AutoTokenizer.from_pretrained(path)
+    except MoekitError:
+        raise
+    except Exception as e:  # tokenizers raise many types for a broken file
+        raise MoekitError(f"{path}: cannot load its tokenizer: {e}") from None
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, without the special tokens a tokenizer may add on its own."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+# --------------------------------------------------------------------------- capturing MLP inputs
+
+
+class _Done(Exception):
+    """Raised by the last hook: the layers after it are not needed."""
+
+
+def _capture(model, layers: list[int], sink):
+    """Register pre-hooks that pass each chosen layer's MLP input to `sink(layer, tensor)`."""
+    blocks = model.model.layers
+    for i in layers:
+        if not 0 <= i < len(blocks):
+            raise MoekitError(f"layer {i} does not exist (the model has {len(blocks)})")
+    last = max(layers)
+
+    def make(i):
+        def hook(_module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            sink(i, x)
+            if i == last:
+                raise _Done
+
+        return hook
+
+    return [blocks[i].mlp.register_forward_pre_hook(make(i), with_kwargs=True) for i in layers]
+
+
+@torch.no_grad()
+def _run(model, input_ids: torch.Tensor, layers: list[int], sink) -> None:
+    """One forward pass of the decoder stack up to the last chosen layer (no lm_head: the logits
+    of a large vocabulary would cost more memory than everything captured)."""
+    handles = _capture(model, layers, sink)
+    try:
+        model.model(input_ids=input_ids, use_cache=False)
+    except _Done:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def collect_mlp_inputs_from_ids(
+    model, batches: Iterable[torch.Tensor], layers: list[int], max_tokens: int, device, skip_first: int = 1
+) -> dict[int, torch.Tensor]:
+    """The hidden states entering each chosen layer's MLP, [T, H] fp32 on `device`, T <= max_tokens.
+
+    `batches` are [B, S] token-id tensors with no padding (packed text). The first `skip_first`
+    positions of each sequence still serve as context but are not kept: the first position is an
+    attention sink whose hidden state is an outlier that would claim a k-means cluster by itself
+    (on SmolLM2's layer 15 its direction is opposite to the mean of the other tokens).
+    Memory on `device`: len(layers) × max_tokens × H × 4 bytes (32 layers × 64k tokens × 4096 =
+    34 GB): collect layers in groups when that is too much.
+    """
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    kept = 0
+    for ids in batches:
+        if kept >= max_tokens:
+            break
+        room = max_tokens - kept
+
+        def sink(i, x, room=room):
+            out[i].append(x[:, skip_first:].reshape(-1, x.shape[-1])[:room].float())
+
+        _run(model, ids.to(device), layers, sink)
+        kept += out[layers[0]][-1].shape[0]
+    if kept == 0:
+        raise MoekitError("no calibration tokens to collect hidden states from")
+    return {i: torch.cat(xs) for i, xs in out.items()}
+
+
+def pack_token_ids(docs: Iterable[list[int]], seq_len: int, separator: int | None) -> list[torch.Tensor]:
+    """Documents joined into one stream (with `separator` between them) and cut into [1, seq_len]
+    rows: every position is a real token, so no padding or attention mask is needed. A shorter
+    remainder becomes the last row, unless it is a single token (nothing to keep after position 0)."""
+    stream: list[int] = []
+    for ids in docs:
+        if ids:
+            stream.extend(ids + ([separator] if separator is not None else []))
+    rows = [stream[s : s + seq_len] for s in range(0, len(stream), seq_len)]
+    return [torch.tensor([r]) for r in rows if len(r) > 1]
+
+
+def collect_mlp_inputs(
+    model, texts: list[str], tokenizer, layers: list[int], max_tokens: int, seq_len: int, device, batch_size: int = 8
+) -> dict[int, torch.Tensor]:
+    """`collect_mlp_inputs_from_ids` on calibration text: tokenised, packed into seq_len rows."""
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    # Tokenise only what can be used: max_tokens, the skipped first position of each row, a row of slack.
+    docs, budget = [], max_tokens + max_tokens // max(seq_len - 1, 1) + seq_len
+    for text in texts:
+        if budget <= 0:
+            break
+        docs.append(encode(tokenizer, text))
+        budget -= len(docs[-1]) + 1
+    rows = pack_token_ids(docs, seq_len, separator)
+    # Full rows batch together; the shorter last row (if any) runs on its own.
+    full = [r for r in rows if r.shape[1] == seq_len]
+    batches = [torch.cat(full[s : s + batch_size]) for s in range(0, len(full), batch_size)]
+    batches += [r for r in rows if r.shape[1] != seq_len]
+    return collect_mlp_inputs_from_ids(model, batches, layers, max_tokens, device)
+
+
+# --------------------------------------------------------------------------- k-means rows
+
+
+def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Tensor:
+    """Spherical k-means (cosine similarity on L2-normalised rows) with k-means++ seeding.
+
+    Returns [k, H] unit centroids, every one with at least one point assigned to it: a cluster
+    that empties is re-seeded with the point its current centroid fits worst, taken from a
+    cluster that can spare it. An empty cluster would become an expert the router never picks.
+    Cosine, not Euclidean: the router's logit is a dot product, and the norm of a token's hidden
+    state says little about what it is about.
+    """
+    if x.shape[0] < k:
+        raise MoekitError(f"k-means needs at least {k} hidden states, got {x.shape[0]}; use more calibration text")
+    x = torch.nn.functional.normalize(x.float(), dim=-1)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+
+    # k-means++: each new centroid is drawn with probability proportional to its squared
+    # distance to the nearest centroid so far (2 - 2cos for unit vectors).
+    def distance(centre):  # points equal up to rounding count as equal: no centroid is picked twice
+        d = 1 - x @ centre
+        return torch.where(d > 1e-6, d, torch.zeros_like(d))
+
+    c = x[torch.randint(x.shape[0], (1,), generator=gen, device=x.device)]
+    dist = distance(c[0])
+    for _ in range(1, k):
+        if dist.sum() <= 0:
+            raise MoekitError(f"k-means: fewer than {k} distinct hidden states; use more (or more varied) calibration text")
+        pick = torch.multinomial(dist, 1, generator=gen)
+        c = torch.cat([c, x[pick]])
+        dist = torch.minimum(dist, distance(x[pick][0]))
+
+    for _ in range(iters):
+        sim = x @ c.T
+        labels = _fill_empty(sim, sim.argmax(dim=1), k)
+        # cluster sums as a matmul: index_add_ is ~50x slower on CPU
+        new = torch.nn.functional.normalize(torch.nn.functional.one_hot(labels, k).to(x.dtype).T @ x, dim=-1)
+        done = torch.allclose(new, c, atol=1e-6)
+        c = new
+        if done:
+            break
+    return c
+
+
+def _fill_empty(sim: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=k)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if not empty:
+        return labels
+    labels = labels.clone()
+    fit = sim.gather(1, labels[:, None]).flatten()
+    for j in empty:
+        # the worst-fitting point among clusters that keep at least one point after giving it up
+        donors = counts[labels] > 1
+        p = torch.where(donors, fit, torch.inf).argmin()
+        counts[labels[p]] -= 1
+        counts[j] += 1
+        labels[p] = j
+        fit[p] = torch.inf  # fits its own cluster perfectly now; never move it again
+    return labels
+
+
+def scale_to_logit_std(rows: torch.Tensor, x: torch.Tensor, target: float = 1.0) -> torch.Tensor:
+    """`rows` times one factor so that the router logits `x @ rows.T` have, per token, a standard
+    deviation across experts of `target` on average (RMS over tokens).
+
+    Why: unit centroids give logits |x|·cos, and |x| of an MLP input ranges from ~1 to ~100s
+    depending on the norm weights of the layer and the family (OLMo-2 routes the raw residual), so
+    the raw centroids make some layers' softmax one-hot (no gradient reaches the other experts,
+    and the router cannot learn) and others' uniform (the choice is noise). A spread of ~1 logit
+    across experts makes the centroid choice decisive for top-K (the nearest centroid wins by
+    e^1-ish ratios) while every expert keeps a probability the gradient can move; it is the same
+    for every layer and model, and it only rescales rows, so the k-means ranking is unchanged.
+    Only the spread across experts matters: softmax ignores a shift common to all experts.
+    """
+    logits = x.float() @ rows.T
+    spread = logits.std(dim=1, unbiased=False).pow(2).mean().sqrt()
+    return rows * (target / spread.clamp(min=1e-12))
+
+
+def kmeans_router_rows(
+    states: dict[int, torch.Tensor], n_experts: int, iters: int = 50, seed: int = 0, logit_std: float = 1.0
+) -> dict[int, torch.Tensor]:
+    """Per layer, [N, H] router rows: k-means centroids of that layer's MLP inputs, scaled by
+    `scale_to_logit_std` (LLaMA-MoE v2 uses centroids as they are; see there for why not).
+
+    The k-means is seeded per layer with `seed + layer`, so the same seed reproduces the rows.
+    """
+    rows = {}
+    for layer, x in states.items():
+        centroids = balanced_kmeans(x, n_experts, iters=iters, seed=seed + layer)
+        rows[layer] = scale_to_logit_std(centroids, x, logit_std)
+    return rows
+
+
+# --------------------------------------------------------------------------- prompt rows
+
+
+def prompt_mlp_inputs(model, prompts: list[list[int]], layers: list[int], device) -> dict[int, torch.Tensor]:
+    """Per layer, [P, H]: each prompt's MLP input averaged over its tokens. Prompts run one at a
+    time: there are few, and no padding means no mask to get wrong in the average. A leading BOS
+    (position 0, the attention sink) is context only, as in `collect_mlp_inputs_from_ids`."""
+    means: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    for ids in prompts:
+        skip = 1 if len(ids) > 1 else 0
+
+        def sink(i, x, skip=skip):
+            means[i].append(x[0, skip:].float().mean(dim=0))
+
+        _run(model, torch.tensor([ids], device=device), layers, sink)
+    return {i: torch.stack(m) for i, m in means.items()}
+
+
+def prompt_router_rows(
+    model, tokenizer, positive: list[list[str]], negative: list[str], layers: list[int], device
+) -> dict[int, torch.Tensor]:
+    """Per layer, [N, H] unit router rows from prompts (mergekit-moe's "hidden" gate mode).
+
+    Expert i's row is the mean MLP input over `positive[i]` minus the mean over `negative` (when
+    given), normalised to unit length. Differences from mergekit, on purpose: the states are the
+    MLP inputs (what the router receives), not the residual stream before the layer's attention;
+    each prompt is averaged over its tokens (mergekit's default keeps only the last position,
+    which with right padding can be a pad token); every prompt weighs the same in the mean.
+    Negative prompts remove the component all prompts share, which otherwise dominates every row
+    and makes the experts' rows nearly parallel.
+    """
+    if not positive or any(not p for p in positive):
+        raise MoekitError("prompt router init needs at least one positive prompt for every expert")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+    def mean_state(prompts: list[str]) -> dict[int, torch.Tensor]:
+        ids = [bos + encode(tokenizer, p) for p in prompts]
+        if any(len(i) <= len(bos) for i in ids):
+            raise MoekitError("a router prompt tokenises to nothing; remove empty prompts")
+        return {i: s.mean(dim=0) for i, s in prompt_mlp_inputs(model, ids, layers, device).items()}
+
+    per_expert = [mean_state(p) for p in positive]
+    neg = mean_state(negative) if negative else None
+    rows = {}
+    for layer in layers:
+        r = torch.stack([e[layer] for e in per_expert])
+        if neg is not None:
+            r = r - neg[layer]
+        rows[layer] = torch.nn.functional.normalize(r, dim=-1)
+    return rows
+
+
+# --------------------------------------------------------------------------- calibration text
+
+# Stdlib modules with long, prose-heavy docstrings (module, class and function level).
+_DOC_MODULES = ("argparse", "difflib", "textwrap", "heapq", "bisect", "fractions", "decimal", "pickle",
+                "threading", "subprocess", "shutil", "tarfile", "zipfile", "logging/__init__", "email/message",
+                "http/client", "http/cookiejar", "unittest/case", "collections/__init__", "functools", "inspect",
+                "typing", "dataclasses", "enum", "datetime", "calendar", "locale", "gettext", "random", "statistics")
+
+
+def builtin_calibration_text(max_chars: int = 200_000) -> list[str]:
+    """Real English text that ships with every Python install, as paragraphs: the prose of the
+    stdlib's LICENSE.txt, then docstrings of a fixed list of stdlib modules. Deterministic for a
+    given Python version; no download."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    paragraphs: list[str] = []
+    license_file = stdlib / "LICENSE.txt"
+    if license_file.is_file():  # some distributions strip it
+        paragraphs += _paragraphs(license_file.read_text(encoding="utf-8", errors="replace"))
+    for module in _DOC_MODULES:
+        source = stdlib / f"{module}.py"
+        if not source.is_file():
+            continue
+        try:
+            tree = ast.parse(source.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    paragraphs += _paragraphs(doc)
+    prose = [p for p in paragraphs if _is_prose(p)]
+    out, total = [], 0
+    for p in prose:
+        if total >= max_chars:
+            break
+        out.append(p[: max_chars - total])
+        total += len(out[-1])
+    if not out:
+        raise MoekitError(f"{stdlib}: found no built-in calibration text; pass a text file with --calibration")
+    return out
+
+
+def _paragraphs(text: str) -> list[str]:
+    """Blank-line separated blocks, each with its wrapped lines joined by single spaces."""
+    blocks = [b for b in text.replace("\r\n", "\n").split("\n\n")]
+    return [" ".join(line.strip() for line in b.splitlines() if line.strip()) for b in blocks if b.strip()]
+
+
+def _is_prose(p: str) -> bool:
+    """Sentences rather than code samples, tables or rulers: long enough, mostly letters."""
+    if len(p) < 80 or p.startswith(">>>") or "===" in p or "---" in p:
+        return False
+    letters = sum(ch.isalpha() or ch.isspace() for ch in p)
+    return letters / len(p) > 0.85
+
+
+def read_text_file(path: str | Path) -> list[str]:
+    """A user's calibration file: `.jsonl` (one JSON object per line, its "text" field) or plain
+    text (any other suffix; split into paragraphs at blank lines)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MoekitError(f"{path}: no such calibration file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MoekitError(f"{path}: not UTF-8 text; calibration files are .txt or .jsonl") from None
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MoekitError(f"{path}:{n}: not valid JSON ({e})") from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise MoekitError(f'{path}:{n}: expected an object with a "text" string')
+            if text.strip():
+                texts.append(text)
+    else:
+        texts = [p for p in (b.strip() for b in raw.replace("\r\n", "\n").split("\n\n")) if p]
+    if not texts:
+        raise MoekitError(f"{path}: no text in it")
+    return texts
