@@ -12,6 +12,7 @@ from moekit.commands.common import fail
 from moekit.commands.convert import convert_command
 from moekit.commands.inspect import inspect_command
 from moekit.commands.upcycle import upcycle_command
+from moekit.commands.verify import verify_command
 from moekit.errors import EXIT_USAGE
 
 app = typer.Typer(
@@ -50,6 +51,7 @@ def _root(
 app.command("inspect")(inspect_command)
 app.command("convert")(convert_command)
 app.command("upcycle")(upcycle_command)
+app.command("verify")(verify_command)
 
 
 def _not_built(name: str, issue: str):
@@ -61,7 +63,6 @@ def _not_built(name: str, issue: str):
 
 
 for _name, _issue in {
-    "verify": "compare the logits of two models",
     "split-granularity": "split each expert into G fine-grained experts",
     "add-experts": "attach new experts to a frozen base",
     "profile": "routing balance on real text",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from moekit.checkpoint import open_checkpoint
+import torch
+
+from moekit.checkpoint import Checkpoint, open_checkpoint
 from moekit.checkpoint.dtypes import parse_dtype
 from moekit.checkpoint.writer import parse_size
+from moekit.errors import UsageError
 from moekit.options import UpcycleOptions
 from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
 from moekit.surgery.upcycle import plan_upcycle
@@ -15,11 +18,7 @@ def run_upcycle(opts: UpcycleOptions, progress: Progress | None = None) -> tuple
     shard = parse_size(opts.max_shard_size)
     ckpt = open_checkpoint(opts.source, allow_pickle=opts.allow_pickle, dtype=dtype)
     extra = [open_checkpoint(s, allow_pickle=opts.allow_pickle, dtype=dtype) for s in opts.expert_sources]
-    data_rows = None
-    if opts.router_init in ("kmeans", "prompts"):
-        from moekit.surgery.router_init import data_router_rows
-
-        data_rows = data_router_rows(ckpt, opts)
+    data_rows = (lambda layers: data_router_rows(ckpt, opts, layers)) if opts.router_init in ("kmeans", "prompts") else None
     plan = plan_upcycle(ckpt, opts.target, opts.experts, opts.top_k, shared=opts.shared_experts,
                         moe_layers_spec=opts.moe_layers, router_init=opts.router_init, data_rows=data_rows,
                         noise=opts.noise, drop=opts.drop_upcycling, expert_sources=extra, dtype=dtype, seed=opts.seed)
@@ -44,3 +43,21 @@ def run_upcycle(opts: UpcycleOptions, progress: Progress | None = None) -> tuple
         extra_sources=extra, max_shard_size=shard, overwrite=opts.overwrite, progress=progress)
     return result, {**summary, "output": str(result.path), "bytes": result.bytes_written,
                     "seconds": round(result.seconds, 2), "MB/s": round(result.mb_per_s, 1)}
+
+
+def data_router_rows(ckpt: Checkpoint, opts: UpcycleOptions, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Router rows from forward passes of the dense model: k-means of MLP inputs, or prompts."""
+    from moekit.surgery import router_init as ri
+    from moekit.verify import resolve_device
+
+    device = resolve_device(opts.device)
+    if opts.router_init == "prompts" and len(opts.prompts) != opts.experts:
+        raise UsageError(f"--router-init prompts needs one --prompts file per expert: got {len(opts.prompts)} for {opts.experts}")
+    model, tokenizer = ri.load_dense_model(ckpt, device), ri.load_tokenizer(ckpt)
+    if opts.router_init == "prompts":
+        negative = ri.read_text_file(opts.negative_prompts) if opts.negative_prompts else []
+        return ri.prompt_router_rows(model, tokenizer, [ri.read_text_file(p) for p in opts.prompts], negative,
+                                     layers, device)
+    texts = ri.read_text_file(opts.calibration) if opts.calibration else ri.builtin_calibration_text()
+    states = ri.collect_mlp_inputs(model, texts, tokenizer, layers, opts.calibration_tokens, seq_len=512, device=device)
+    return ri.kmeans_router_rows(states, opts.experts, seed=opts.seed)

@@ -173,3 +173,15 @@ def compare_models(parent_model: torch.nn.Module, child_model: torch.nn.Module,
         "vocab_compared": v,
         "seconds": time.perf_counter() - start,
     }
+
+
+def greedy_continuations(parent_model, child_model, tokenizer, prompt: str, new_tokens: int) -> tuple[str, str]:
+    """Both models' greedy continuations of `prompt` (what a user sees when generation is equal)."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    texts = []
+    for model in (parent_model, child_model):
+        with torch.no_grad():
+            out = model.generate(ids.to(model.device), max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts[0], texts[1]

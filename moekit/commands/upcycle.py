@@ -18,6 +18,7 @@ def upcycle_command(
     shared_experts: Annotated[Optional[int], typer.Option(help="Shared experts (qwen2_moe: 1, glm4_moe: 1-8, granitemoeshared: 1); they start with zero output.")] = None,
     router_init: Annotated[Optional[str], typer.Option(help="random | uniform | zero | kmeans | prompts. [default: random]")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Text (.txt/.jsonl) for --router-init kmeans. [default: built-in sample]")] = None,
+    calibration_tokens: Annotated[Optional[int], typer.Option(help="Tokens of calibration text for kmeans. [default: 8192]")] = None,
     prompts: Annotated[Optional[list[Path]], typer.Option("--prompts", help="One prompt file per expert for --router-init prompts (repeat the flag).")] = None,
     negative_prompts: Annotated[Optional[Path], typer.Option(help="Prompts no expert should prefer (with --router-init prompts).")] = None,
     noise: Annotated[Optional[float], typer.Option(help="Relative Gaussian noise σ on expert weights (breaks exactness).")] = None,
@@ -49,7 +50,7 @@ def upcycle_command(
 
     opts = load_options(UpcycleOptions, recipe, dict(
         source=source, output=output, experts=experts, top_k=top_k, target=target, shared_experts=shared_experts,
-        router_init=router_init, calibration=calibration, prompts=prompts or [], negative_prompts=negative_prompts,
+        router_init=router_init, calibration=calibration, calibration_tokens=calibration_tokens, prompts=prompts or [], negative_prompts=negative_prompts,
         noise=noise, drop_upcycling=drop_upcycling, moe_layers=moe_layers,
         expert_sources=expert_sources.split(",") if expert_sources else [], dtype=dtype,
         max_shard_size=max_shard_size, seed=seed, device=device, overwrite=overwrite, allow_pickle=allow_pickle or None))

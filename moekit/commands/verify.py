@@ -27,6 +27,8 @@ def verify_command(
     tolerance: Annotated[float, typer.Option(min=0.0, help="Largest max relative logit error that passes.")] = 1e-5,
     dtype: Annotated[str, typer.Option(help="Dtype both models run in: float32, bfloat16, float16.")] = "float32",
     seed: Annotated[int, typer.Option(help="Seed of the random token ids.")] = 0,
+    prompt: Annotated[str | None, typer.Option(help="Also generate greedily from this prompt with both models and compare the text.", show_default=False)] = None,
+    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate with --prompt.")] = 24,
     json_output: JsonOpt = False,
 ) -> None:
     """Check that CHILD computes what PARENT computes: run both on the same tokens, compare logits.
@@ -48,7 +50,8 @@ def verify_command(
 
     from moekit.checkpoint.dtypes import config_name, parse_dtype
     from moekit.checkpoint.sources import resolve_source
-    from moekit.verify import compare_models, load_model, load_tokenizer, make_inputs, resolve_device, vocab_size
+    from moekit.verify import (compare_models, greedy_continuations, load_model, load_tokenizer, make_inputs,
+                               resolve_device, vocab_size)
 
     # Bad options and missing paths fail now, not after minutes of loading.
     torch_dtype, where = parse_dtype(dtype), resolve_device(device)
@@ -67,7 +70,12 @@ def verify_command(
     with err.status(f"comparing on {sum(b.numel() for b in batches):,} tokens", spinner="dots") if not json_output else nullcontext():
         result = compare_models(parent_model, child_model, batches)
 
-    passed = result["max_rel_error"] <= tolerance  # False for NaN/inf as well
+    if prompt is not None:
+        texts = greedy_continuations(parent_model, child_model, load_tokenizer(parent), prompt, new_tokens)
+        result.update(prompt=prompt, parent_generation=texts[0], child_generation=texts[1],
+                      same_generation=texts[0] == texts[1])
+    # NaN/inf errors compare False, so broken logits fail; with --prompt the text must match too
+    passed = result["max_rel_error"] <= tolerance and result.get("same_generation", True)
     report = {"parent": parent, "child": child,
               "parent_type": parent_model.config.model_type, "child_type": child_model.config.model_type,
               "inputs": str(data) if data else f"random ids (seed {seed})", "device": str(where), "dtype": config_name(torch_dtype),
@@ -97,5 +105,10 @@ def report_table(r: dict) -> Table:
     t.add_row("max / mean abs error", f"{r['max_abs_error']:.3g} / {r['mean_abs_error']:.3g}  (max |logit| {r['max_abs_logit']:.3g})")
     t.add_row("top-1 agreement", f"{r['top1_agreement']:.2%}")
     t.add_row("KL(parent‖child)", f"{r['kl_per_token']:.3g} per token")
+    if "prompt" in r:
+        t.add_row("prompt", r["prompt"])
+        t.add_row("parent generates", r["parent_generation"])
+        t.add_row("child generates", r["child_generation"])
+        t.add_row("same generation", "[green]yes[/]" if r["same_generation"] else "[red]no[/]")
     t.add_row("seconds", f"{r['seconds']:.1f} compare, {r['load_seconds']:.1f} load")
     return t

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -146,7 +147,8 @@ def perturb(w: torch.Tensor, proj: str, noise: float, drop: float, gen_seed: int
 
 
 def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, shared: int | None = None,
-                 moe_layers_spec: str = "all", router_init: str = "random", data_rows: dict[int, torch.Tensor] | None = None,
+                 moe_layers_spec: str = "all", router_init: str = "random",
+                 data_rows: Callable[[list[int]], dict[int, torch.Tensor]] | None = None,
                  noise: float = 0.0, drop: float = 0.0, expert_sources: list[Checkpoint] = (),
                  dtype: torch.dtype | None = None, seed: int = 0) -> UpcyclePlan:
     parent = ckpt.config
@@ -177,6 +179,8 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
     config = build_config(parent, target, n, k, shared, d_ff, moe_layers)
     for src in expert_sources:
         _check_same_ffn(ckpt, src, moe_layers)
+    # Data-driven rows need forward passes: only once every option is known to be valid.
+    rows_by_layer = data_rows(moe_layers) if data_rows else {}
 
     out_dtype = dtype or next(iter(ckpt.tensors.values())).dtype
     load = lru_cache(maxsize=8)(lambda src_idx, name: ([ckpt, *expert_sources][src_idx]).load(name, out_dtype))
@@ -201,7 +205,7 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
         if meta.name != DENSE_FFN.format(i=i, proj="gate"):  # each layer's block is emitted once, at its gate
             continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        rows = data_rows[i] if data_rows else router_rows(router_init, n, hidden, gen, std)
+        rows = rows_by_layer[i] if data_rows else router_rows(router_init, n, hidden, gen, std)
         outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, rows)
         layers.append({"layer": i, "experts": n, "top_k": k, "shared_experts": shared, "router_init": router_init,
                        "expert_sources": [str(s.path) for s in expert_sources] or None,
