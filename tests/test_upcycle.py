@@ -162,3 +162,31 @@ def test_smollm2_upcycle_is_exact(smollm2, tmp_path, target):
     upcycle(smollm2, out, "-n", "4", "-k", "2", "--target", target, "--moe-layers",
             "all" if target == "mixtral" else "skip-first:2")
     assert max_rel_error(smollm2, out, 49152, seed=11) <= 1e-5
+
+
+@pytest.mark.parametrize("target", ["mixtral", "glm4_moe"])
+def test_data_router_inits_are_exact_and_data_driven(tiny_models, tmp_path, target):
+    from moekit.checkpoint import open_checkpoint
+    from tests.tiny import with_char_tokenizer
+
+    src = with_char_tokenizer(tiny_models("llama"), tmp_path / "parent")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox {i * 7} jumps over {i % 5} lazy dogs."
+                                 for i in range(60)))
+    prompts = []
+    for e, topic in enumerate(["numbers 1234 5678", "animals fox dog cat", "code def x(): return", "ZZZZ QQQQ XXXX"]):
+        prompts += ["--prompts", str(tmp_path / f"p{e}.txt")]
+        (tmp_path / f"p{e}.txt").write_text(f"{topic}\n\n{topic.upper()}")
+    (tmp_path / "neg.txt").write_text("the and of")
+    router = TARGETS[target].router.format(i=1)
+    rows = {}
+    for init, extra in (("kmeans", ["--calibration", str(calib), "--calibration-tokens", "400"]),
+                        ("prompts", [*prompts, "--negative-prompts", str(tmp_path / "neg.txt")])):
+        out = tmp_path / init
+        upcycle(src, out, "-n", "4", "-k", "2", "--target", target, "--router-init", init, *extra)
+        assert max_rel_error(src, out, 128, seed=9) <= 1e-5
+        rows[init] = open_checkpoint(out).load(router)
+        assert torch.linalg.matrix_rank(rows[init]) == 4  # four distinct directions, not copies
+    assert not torch.allclose(rows["kmeans"], rows["prompts"])
+    proc = run_moekit("upcycle", str(src), str(tmp_path / "bad"), "-n", "4", "--router-init", "prompts", *prompts[:2])
+    assert proc.returncode == 2 and "one --prompts file per expert" in proc.stderr

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import string
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from typer.testing import CliRunner
 from moekit.commands.verify import verify_command
 from moekit.verify import compare_models, load_model, make_inputs, vocab_size
 from tests import tiny
+from tests.tiny import with_char_tokenizer
 from tests.conftest import run_moekit
 
 FAST = ["--tokens", "48", "--seq-len", "16", "--batch", "2"]  # 3 sequences: tiny models, sub-second runs
@@ -59,19 +59,6 @@ def as_mixtral(dense: Path, dst: Path, experts: int = 4) -> Path:
 
     edited_copy(dense, dst, edit=upcycle)
     (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
-def with_char_tokenizer(model: Path, dst: Path) -> Path:
-    """A copy of `model` with a character-level tokenizer whose ids fit its 128-token vocabulary."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = ["<pad>", "<s>", "</s>", "<unk>", *string.printable[:95], "\n"]
-    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>"))
-    shutil.copytree(model, dst)
-    PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(dst)
     return dst
 
 

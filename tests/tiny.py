@@ -53,3 +53,19 @@ def build(model_type: str, path: Path, seed: int = 0, **overrides) -> Path:
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(path)
     return path
+
+
+def with_char_tokenizer(model: Path, dst: Path) -> Path:
+    """A copy of `model` with a character-level tokenizer whose ids fit its 128-token vocabulary."""
+    import shutil
+    import string
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<pad>", "<s>", "</s>", "<unk>", *string.printable[:95], "\n"]
+    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>"))
+    shutil.copytree(model, dst)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(dst)
+    return dst
