@@ -39,9 +39,10 @@ test-4.57: $(VENV457)/bin/moekit
 demo: setup
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/moekit inspect smollm2-135m
-	$(BIN)/moekit convert smollm2-135m $(DEMO)/smollm2 --dtype bfloat16
+	$(BIN)/moekit convert smollm2-135m $(DEMO)/smollm2
 	$(BIN)/moekit upcycle $(DEMO)/smollm2 $(DEMO)/smollm2-8x2 --experts 8 --top-k 2
 	$(BIN)/moekit inspect $(DEMO)/smollm2-8x2
+	$(BIN)/moekit verify $(DEMO)/smollm2 $(DEMO)/smollm2-8x2 --tokens 1024 --prompt "The three primary colours are"
 	@echo "demo done: outputs in $(DEMO)/"
 
 bench: setup

@@ -47,13 +47,13 @@ def run_upcycle(opts: UpcycleOptions, progress: Progress | None = None) -> tuple
 
 def data_router_rows(ckpt: Checkpoint, opts: UpcycleOptions, layers: list[int]) -> dict[int, torch.Tensor]:
     """Router rows from forward passes of the dense model: k-means of MLP inputs, or prompts."""
+    from moekit.hf import load_dense_model, load_tokenizer, resolve_device
     from moekit.surgery import router_init as ri
-    from moekit.verify import resolve_device
 
     device = resolve_device(opts.device)
     if opts.router_init == "prompts" and len(opts.prompts) != opts.experts:
         raise UsageError(f"--router-init prompts needs one --prompts file per expert: got {len(opts.prompts)} for {opts.experts}")
-    model, tokenizer = ri.load_dense_model(ckpt, device), ri.load_tokenizer(ckpt)
+    model, tokenizer = load_dense_model(ckpt, device), load_tokenizer(ckpt.path)
     if opts.router_init == "prompts":
         negative = ri.read_text_file(opts.negative_prompts) if opts.negative_prompts else []
         return ri.prompt_router_rows(model, tokenizer, [ri.read_text_file(p) for p in opts.prompts], negative,

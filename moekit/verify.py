@@ -16,65 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moekit.checkpoint.sources import resolve_source
 from moekit.errors import MoekitError
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """`auto` -> cuda when available, else cpu; a clear error for a device that is not there."""
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MoekitError(f"unknown device {str(name)!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MoekitError(f"device {str(name)!r} requested, but torch sees no CUDA device")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise MoekitError(f"device {str(name)!r} requested, but torch sees {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def _from_pretrained(cls, source: str | Path, what: str, **kw):
-    """`cls.from_pretrained` on a folder or a .gguf file; any failure becomes one line."""
-    path = resolve_source(source)
-    if path.suffix == ".gguf":
-        where, kw = path.parent, {**kw, "gguf_file": path.name}
-    elif (path / "config.json").is_file():
-        where = path
-    else:
-        raise MoekitError(f"{path}: not a model folder (no config.json) nor a .gguf file")
-    try:
-        return cls.from_pretrained(where, **kw)
-    except Exception as e:  # transformers raises OSError/ValueError/KeyError/... for unloadable input
-        reason = " ".join(str(e).split())  # transformers' messages span lines; the user gets one
-        raise MoekitError(f"{path}: transformers cannot load its {what}: {reason[:300]}") from None
-
-
-def load_model(source: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "auto") -> tuple[torch.nn.Module, list[str]]:
-    """The model in eval mode on `device`, and warnings about weights the checkpoint lacked
-    (transformers initialises those randomly, so the comparison would measure noise)."""
-    from transformers import AutoModelForCausalLM
-
-    device = resolve_device(device)
-    model, info = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype, output_loading_info=True)
-    warnings = []
-    for kind, consequence in (("missing_keys", "missing from the checkpoint, randomly initialised"),
-                              ("unexpected_keys", "in the checkpoint but not used by the model")):
-        keys = sorted(info.get(kind) or ())
-        if keys:
-            warnings.append(f"{source}: {len(keys)} weight(s) {consequence}: {', '.join(keys[:3])}"
-                            + (", ..." if len(keys) > 3 else ""))
-    return model.to(device).eval(), warnings
-
-
-def load_tokenizer(source: str | Path):
-    """The tokenizer stored with a model folder or inside a .gguf file."""
-    from transformers import AutoTokenizer
-
-    return _from_pretrained(AutoTokenizer, source, "tokenizer (needed to tokenise --data)")
 
 
 def vocab_size(model: torch.nn.Module) -> int:

@@ -9,6 +9,7 @@ import torch
 
 from moekit.checkpoint import open_checkpoint
 from moekit.errors import MoekitError
+from moekit.hf import load_dense_model, load_tokenizer
 from moekit.surgery import router_init as ri
 from tests import tiny
 
@@ -24,7 +25,7 @@ class FakeTokenizer:
 
 @pytest.fixture(scope="module")
 def llama(tiny_models):
-    return ri.load_dense_model(open_checkpoint(tiny_models("llama")), "cpu")
+    return load_dense_model(open_checkpoint(tiny_models("llama")), "cpu")
 
 
 def random_ids(rows=3, seq=24, seed=0):
@@ -39,7 +40,7 @@ def test_load_dense_model_matches_from_pretrained(tmp_path, tied):
     from transformers import AutoModelForCausalLM
 
     path = tiny.build("llama", tmp_path / "m", tie_word_embeddings=tied)
-    model = ri.load_dense_model(open_checkpoint(path), "cpu")
+    model = load_dense_model(open_checkpoint(path), "cpu")
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = random_ids()
     with torch.no_grad():
@@ -53,12 +54,12 @@ def test_load_dense_model_reports_missing_tensor(tiny_models):
     ckpt = open_checkpoint(tiny_models("llama"))
     del ckpt.tensors["model.layers.1.mlp.up_proj.weight"]  # the cached header dict
     with pytest.raises(MoekitError, match="lacks 1 tensor"):
-        ri.load_dense_model(ckpt, "cpu")
+        load_dense_model(ckpt, "cpu")
 
 
 def test_load_tokenizer_without_tokenizer_files(tiny_models):
     with pytest.raises(MoekitError, match="no tokenizer"):
-        ri.load_tokenizer(open_checkpoint(tiny_models("llama")))
+        load_tokenizer(tiny_models("llama"))
 
 
 # --------------------------------------------------------------------------- capture
@@ -178,7 +179,7 @@ def test_kmeans_router_rows_logit_spread(llama):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_collect_and_kmeans_on_cuda(tiny_models, llama):
     ids = [random_ids(8, 32)]
-    cuda_model = ri.load_dense_model(open_checkpoint(tiny_models("llama")), "cuda")
+    cuda_model = load_dense_model(open_checkpoint(tiny_models("llama")), "cuda")
     on_gpu = ri.collect_mlp_inputs_from_ids(cuda_model, ids, [0, 1], 10_000, "cuda")
     on_cpu = ri.collect_mlp_inputs_from_ids(llama, ids, [0, 1], 10_000, "cpu")
     for i in (0, 1):
@@ -258,7 +259,7 @@ def test_read_text_file(tmp_path):
 @pytest.mark.slow
 def test_smollm2_end_to_end(smollm2):
     ckpt = open_checkpoint(smollm2)
-    model, tok = ri.load_dense_model(ckpt, "cpu"), ri.load_tokenizer(ckpt)
+    model, tok = load_dense_model(ckpt, "cpu"), load_tokenizer(ckpt.path)
     layers = [0, 15, 29]
     states = ri.collect_mlp_inputs(model, ri.builtin_calibration_text(40_000), tok, layers, 2048, 256, "cpu")
     rows = ri.kmeans_router_rows(states, 8, iters=30, seed=0)
@@ -277,9 +278,9 @@ def test_smollm2_end_to_end(smollm2):
 def test_smollm2_gguf_loads_like_its_folder(smollm2):
     gguf, folder = open_checkpoint("smollm2-135m"), open_checkpoint(smollm2)
     text = "Sparse upcycling copies the dense FFN into every expert."
-    ids = ri.load_tokenizer(gguf).encode(text)
-    assert ids == ri.load_tokenizer(folder).encode(text)
+    ids = load_tokenizer(gguf.path).encode(text)
+    assert ids == load_tokenizer(folder.path).encode(text)
     with torch.no_grad():
-        a = ri.load_dense_model(gguf, "cpu")(torch.tensor([ids])).logits
-        b = ri.load_dense_model(folder, "cpu")(torch.tensor([ids])).logits
+        a = load_dense_model(gguf, "cpu")(torch.tensor([ids])).logits
+        b = load_dense_model(folder, "cpu")(torch.tensor([ids])).logits
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

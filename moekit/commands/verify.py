@@ -50,8 +50,8 @@ def verify_command(
 
     from moekit.checkpoint.dtypes import config_name, parse_dtype
     from moekit.checkpoint.sources import resolve_source
-    from moekit.verify import (compare_models, greedy_continuations, load_model, load_tokenizer, make_inputs,
-                               resolve_device, vocab_size)
+    from moekit.hf import load_model, load_tokenizer, resolve_device
+    from moekit.verify import compare_models, greedy_continuations, make_inputs, vocab_size
 
     # Bad options and missing paths fail now, not after minutes of loading.
     torch_dtype, where = parse_dtype(dtype), resolve_device(device)

@@ -1,0 +1,136 @@
+"""Loading models and tokenizers through transformers, for the commands that run forward passes
+(verify, data-driven router init). Surgery itself never imports transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moekit.checkpoint import Checkpoint
+from moekit.checkpoint.reader import TOKENIZER_FILES
+from moekit.checkpoint.sources import resolve_source
+from moekit.errors import MoekitError
+
+# Config keys that `AutoConfig.for_model` must not see: the type is its positional argument,
+# `auto_map` would point at remote code, `quantization_config` makes transformers expect
+# quantised weights, and the dtype is ours to choose (fp32).
+_DROPPED_CONFIG_KEYS = ("model_type", "auto_map", "quantization_config", "torch_dtype", "dtype")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """`auto` -> cuda when available, else cpu; a clear error for a device that is not there."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MoekitError(f"unknown device {str(name)!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoekitError(f"device {str(name)!r} requested, but torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MoekitError(f"device {str(name)!r} requested, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _from_pretrained(cls, source: str | Path, what: str, **kw):
+    """`cls.from_pretrained` on a folder or a .gguf file; any failure becomes one line."""
+    path = resolve_source(source)
+    if path.suffix == ".gguf":
+        where, kw = path.parent, {**kw, "gguf_file": path.name}
+    elif (path / "config.json").is_file():
+        where = path
+    else:
+        raise MoekitError(f"{path}: not a model folder (no config.json) nor a .gguf file")
+    try:
+        return cls.from_pretrained(where, **kw)
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError/... for unloadable input
+        reason = " ".join(str(e).split())  # transformers' messages span lines; the user gets one
+        raise MoekitError(f"{path}: transformers cannot load its {what}: {reason[:300]}") from None
+
+
+def load_model(source: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "auto") -> tuple[torch.nn.Module, list[str]]:
+    """The model in eval mode on `device`, and warnings about weights the checkpoint lacked
+    (transformers initialises those randomly, so the comparison would measure noise)."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    model, info = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype, output_loading_info=True)
+    warnings = []
+    for kind, consequence in (("missing_keys", "missing from the checkpoint, randomly initialised"),
+                              ("unexpected_keys", "in the checkpoint but not used by the model")):
+        keys = sorted(info.get(kind) or ())
+        if keys:
+            warnings.append(f"{source}: {len(keys)} weight(s) {consequence}: {', '.join(keys[:3])}"
+                            + (", ..." if len(keys) > 3 else ""))
+    return model.to(device).eval(), warnings
+
+
+def load_tokenizer(source: str | Path):
+    """The source's own tokenizer: from the folder's files, or rebuilt from a GGUF's metadata."""
+    from transformers import AutoTokenizer
+
+    path = resolve_source(source)
+    try:
+        if path.is_file():  # GGUF carries its vocabulary inside
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise MoekitError(
+                f"{path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); text input needs one; "
+                "copy the tokenizer files into the folder"
+            )
+        return AutoTokenizer.from_pretrained(path)
+    except MoekitError:
+        raise
+    except Exception as e:  # tokenizers raise many types for a broken file
+        raise MoekitError(f"{path}: cannot load its tokenizer: {e}") from None
+
+
+def load_dense_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The checkpoint as an fp32 transformers causal LM on `device`, in eval mode.
+
+    Built from the config, then filled one tensor at a time from `ckpt.load`, so the same code
+    serves safetensors folders and GGUF files (whose tensors `from_pretrained` cannot stream).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {k: v for k, v in ckpt.config.items() if k not in _DROPPED_CONFIG_KEYS}
+    model_type = ckpt.config.get("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except (KeyError, ValueError) as e:
+        raise MoekitError(f"{ckpt.path}: transformers cannot build a {model_type!r} model: {e}") from None
+    # Allocate straight on the device and skip random init: every weight is overwritten below,
+    # and initialising a multi-billion-parameter model on a CPU alone takes minutes.
+    with torch.device(device), _no_init_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.float()
+
+    state = model.state_dict()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = []
+    with torch.no_grad():
+        for name, target in state.items():
+            if name not in ckpt.tensors:
+                if not (tied and name == "lm_head.weight"):
+                    missing.append(name)
+                continue
+            loaded = ckpt.load(name, torch.float32)
+            if tuple(loaded.shape) != tuple(target.shape):
+                raise MoekitError(f"{ckpt.path}: {name} has shape {tuple(loaded.shape)}, the config implies {tuple(target.shape)}")
+            target.copy_(loaded)
+    if missing:
+        raise MoekitError(f"{ckpt.path}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
+    if tied:
+        model.tie_weights()  # lm_head was left uninitialised; make it the embedding again
+    return model.eval()
+
+
+def _no_init_weights():
+    try:  # transformers 5.x
+        from transformers.initialization import no_init_weights
+    except ImportError:  # 4.57
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
