@@ -240,3 +240,56 @@ def test_smollm2_round_trip_bit_identical_and_loads(smollm2, tmp_path):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     assert ids.shape[1] > 3
     assert model.config.rope_theta if hasattr(model.config, "rope_theta") else model.config.rope_parameters["rope_theta"] == 100000.0
+
+
+def test_full_disk_is_one_line_exit_4_and_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    import errno
+
+    real_open_shard = CheckpointWriter._open_shard
+
+    def open_full_disk(self, shard):
+        real_open_shard(self, shard)
+        real = self._file
+
+        class FullDisk:
+            def write(self, data):
+                raise OSError(errno.ENOSPC, "No space left on device", real.name)
+
+            def close(self):
+                real.close()
+
+        self._file = FullDisk()
+
+    monkeypatch.setattr(CheckpointWriter, "_open_shard", open_full_disk)
+    out = tmp_path / "out"
+    proc = run_moekit("convert", str(tiny_models("llama")), str(out))
+    assert proc.returncode == 4 and "disk full" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_midway_exits_130_and_leaves_nothing(tiny_models, tmp_path, sig):
+    import signal
+    import time
+
+    src, out = tiny_models("llama"), tmp_path / "out"
+    slow_cli = f"""
+import sys, time
+from moekit.checkpoint.reader import SafetensorsCheckpoint
+load = SafetensorsCheckpoint.load
+SafetensorsCheckpoint.load = lambda self, *a, **k: (time.sleep(0.3), load(self, *a, **k))[1]
+sys.argv = ["moekit", "convert", {str(src)!r}, {str(out)!r}]
+from moekit.cli import main
+main()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", slow_cli], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(TEMP_MARKER in p.name for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # some tensors are written by now
+    proc.send_signal(getattr(signal, sig))
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
