@@ -72,3 +72,17 @@ def read_field(config: dict, field: str | tuple[str, ...] | None):
         if isinstance(config.get(nested), dict) and field in config[nested]:
             return config[nested][field]
     return None
+
+
+def child_weight_factor(routing: Routing, config: dict, granularity: int) -> float:
+    """The factor on each fine-grained child's down projection that makes G children, routed
+    together, add up to their parent (BRIEF §2).
+
+    Children share the parent's router row, so they tie, and top-(K·G) picks exactly the children
+    of the K parents the old router picked. Where weights come from a softmax over experts, or are
+    renormalised over the chosen ones, each child gets the parent's weight / G: factor G. Sigmoid
+    scores without renormalisation are per expert, so each child keeps the parent's full weight.
+    """
+    if routing is SIGMOID_BIASED and not config.get("norm_topk_prob"):
+        return 1.0
+    return float(granularity)

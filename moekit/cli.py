@@ -11,6 +11,7 @@ from moekit import __version__
 from moekit.commands.common import fail
 from moekit.commands.convert import convert_command
 from moekit.commands.inspect import inspect_command
+from moekit.commands.split import split_command
 from moekit.commands.upcycle import upcycle_command
 from moekit.commands.verify import verify_command
 from moekit.errors import EXIT_USAGE
@@ -52,6 +53,7 @@ app.command("inspect")(inspect_command)
 app.command("convert")(convert_command)
 app.command("upcycle")(upcycle_command)
 app.command("verify")(verify_command)
+app.command("split-granularity")(split_command)
 
 
 def _not_built(name: str, issue: str):
@@ -63,7 +65,6 @@ def _not_built(name: str, issue: str):
 
 
 for _name, _issue in {
-    "split-granularity": "split each expert into G fine-grained experts",
     "add-experts": "attach new experts to a frozen base",
     "profile": "routing balance on real text",
 }.items():

@@ -61,3 +61,24 @@ def load_options(model: type[BaseModel], recipe: Path | None, cli: dict) -> Base
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "options"
         raise UsageError(f"{where}: {first['msg']}" + (f" (in recipe {recipe})" if recipe else "")) from None
+
+
+class SplitOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    output: Path
+    granularity: int = Field(description="G children per expert")
+    top_k: int | None = Field(None, description="experts per token after the split; default K·G (exact)")
+    partition: Literal["contiguous", "random", "kmeans", "coactivation"] = "contiguous"
+    calibration: Path | None = None
+    calibration_tokens: int = 8192
+    target: str | None = None  # dense sources only: which MoE architecture to write
+    shared_experts: int | None = None  # dense sources only
+    moe_layers: str = "all"  # dense sources only
+    dtype: str | None = None
+    max_shard_size: str = "5GB"
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+    allow_pickle: bool = False

@@ -14,6 +14,8 @@ from moekit.surgery.upcycle import plan_upcycle
 
 
 def run_upcycle(opts: UpcycleOptions, progress: Progress | None = None) -> tuple[WriteResult, dict]:
+    if opts.experts < 2:  # the planner takes 1 (split-granularity of a dense model starts there)
+        raise UsageError(f"--experts must be at least 2, got {opts.experts}")
     dtype = parse_dtype(opts.dtype) if opts.dtype else None
     shard = parse_size(opts.max_shard_size)
     ckpt = open_checkpoint(opts.source, allow_pickle=opts.allow_pickle, dtype=dtype)

@@ -13,21 +13,21 @@ from tests.conftest import run_moekit
 PAIRS = [(parent, t.model_type) for t in TARGETS.values() for parent in t.parents]
 
 
-def load(path):
+def load(path, **kw):
     """A stock transformers model in fp32, and the loading report; fails on any key problem."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kw)
     problems = {k: v for k, v in info.items() if v}
     assert not problems, f"{path}: {problems}"
     return model.eval()
 
 
-def max_rel_error(a_path, b_path, vocab: int, seed: int, shape=(3, 24)) -> float:
+def max_rel_error(a_path, b_path, vocab: int, seed: int, shape=(3, 24), **load_kw) -> float:
     gen = torch.Generator().manual_seed(seed)  # fresh inputs for every pair
     ids = torch.randint(0, vocab, shape, generator=gen)
     with torch.no_grad():
-        a, b = load(a_path)(ids).logits, load(b_path)(ids).logits
+        a, b = load(a_path, **load_kw)(ids).logits, load(b_path, **load_kw)(ids).logits
     return ((a - b).abs().max() / a.abs().max()).item()
 
 

@@ -55,7 +55,10 @@ def _capture(model, layers: list[int], sink):
 
         return hook
 
-    return [blocks[i].mlp.register_forward_pre_hook(make(i), with_kwargs=True) for i in layers]
+    # The FFN is `mlp` (dense models, and MoE models in transformers 5.x) or `block_sparse_moe`
+    # (Mixtral in 4.57, Granite MoE): its input is the same either way.
+    ffns = [getattr(blocks[i], "mlp", None) or blocks[i].block_sparse_moe for i in layers]
+    return [ffn.register_forward_pre_hook(make(i), with_kwargs=True) for i, ffn in zip(layers, ffns)]
 
 
 @torch.no_grad()

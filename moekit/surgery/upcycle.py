@@ -159,8 +159,6 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
     for key, value in target.parent_requires.items():
         if parent.get(key, value) != value:
             raise UsageError(f"{target.model_type} cannot represent {key}={parent[key]} of the parent")
-    if n < 2:
-        raise UsageError(f"--experts must be at least 2, got {n}")
     if not 1 <= k <= n:
         raise UsageError(f"--top-k must be between 1 and --experts ({n}), got {k}")
     lo, hi = target.shared_range

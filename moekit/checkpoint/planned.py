@@ -1,0 +1,37 @@
+"""A planned output seen as a checkpoint, so that surgeries compose without writing to disk:
+`split-granularity` of a dense model reads the (virtual) upcycled model tensor by tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moekit.checkpoint.reader import Checkpoint, TensorMeta, _cast
+
+
+class PlannedCheckpoint(Checkpoint):
+    def __init__(self, base: Checkpoint, outputs: list, config: dict):
+        super().__init__(base.path)
+        self._base, self._config = base, config
+        self._produce = {o.meta.name: o.produce for o in outputs}
+        self._tensors = {o.meta.name: o.meta for o in outputs}
+
+    @property
+    def config(self) -> dict:
+        return self._config
+
+    @property
+    def tensors(self) -> dict[str, TensorMeta]:
+        return self._tensors
+
+    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        self.meta(name)
+        data = self._produce[name]()
+        return _cast(data if isinstance(data, torch.Tensor) else torch.cat(list(data)), dtype)
+
+    def weight_files(self) -> list[Path]:
+        return self._base.weight_files()
+
+    def write_side_files(self, dest: Path) -> list[str]:
+        return self._base.write_side_files(dest)

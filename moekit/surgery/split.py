@@ -1,0 +1,178 @@
+"""Fine-grained split: each expert of width I becomes G experts of width I/G, function preserved.
+
+Expert e's SwiGLU computes down(act(gate x) ⊙ up x) = Σ_g down[:, S_g](act(gate[S_g] x) ⊙ up[S_g] x)
+for any partition {S_g} of its neurons. Child g of parent e is slice S_g; its router row is the
+parent's row (children of a parent are adjacent: ids e·G .. e·G+G-1), top-k becomes K·G, and the
+child's down projection is scaled by `child_weight_factor` so routing weights add up as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+from moekit.architectures import child_weight_factor, read_field
+from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.errors import MoekitError, UsageError
+from moekit.pipeline import OutputTensor
+from moekit.surgery import partition
+from moekit.targets import TARGETS, Target
+
+PROJS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    outputs: list[OutputTensor]
+    config: dict
+    layers: list[dict]
+    target: Target
+    experts: int  # after the split
+    top_k: int
+    factor: float
+    exact: bool
+
+
+def source_target(ckpt: Checkpoint) -> Target:
+    model_type = ckpt.config.get("model_type")
+    if model_type not in TARGETS:
+        raise MoekitError(f"split-granularity reads the MoE layouts moekit writes ({', '.join(TARGETS)}); "
+                          f"{ckpt.path} is {model_type!r}")
+    return TARGETS[model_type]
+
+
+def divisors(width: int) -> list[int]:
+    return [d for d in range(2, width + 1) if width % d == 0]
+
+
+class ExpertReader:
+    """One layer's experts and router from a checkpoint in a target's layout."""
+
+    def __init__(self, ckpt: Checkpoint, target: Target, n: int):
+        self.ckpt, self.t, self.n = ckpt, target, n
+        self.load = lru_cache(maxsize=4)(ckpt.load)
+
+    def names(self, i: int) -> set[str]:
+        t = self.t
+        names = {t.router.format(i=i)} | ({t.router_bias.format(i=i)} if t.router_bias else set())
+        if t.expert:
+            names |= {t.expert.format(i=i, e=e, proj=t.proj[p]) for e in range(self.n) for p in PROJS}
+        else:
+            names |= {t.fused_gate_up.format(i=i), t.fused_down.format(i=i)}
+        return names
+
+    def expert(self, i: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [I, H], up [I, H], down [H, I]) of expert e in layer i."""
+        t = self.t
+        if t.expert:
+            return tuple(self.load(t.expert.format(i=i, e=e, proj=t.proj[p])) for p in PROJS)
+        gate_up = self.load(t.fused_gate_up.format(i=i))[e]
+        gate, up = gate_up.chunk(2)
+        return gate, up, self.load(t.fused_down.format(i=i))[e]
+
+
+def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, method: str = "contiguous",
+               hidden_states: Callable[[list[int]], dict[int, torch.Tensor]] | None = None, seed: int = 0,
+               dtype: torch.dtype | None = None) -> SplitPlan:
+    cfg, G = ckpt.config, granularity
+    target = source_target(ckpt)
+    n, k = read_field(cfg, target.experts_fields), cfg["num_experts_per_tok"]
+    width = cfg[target.width_field]
+    if G < 2:
+        raise UsageError(f"--granularity must be at least 2, got {G}")
+    if width % G:
+        raise UsageError(f"--granularity {G} does not divide the expert width {width}; "
+                         f"widths that work: {', '.join(map(str, divisors(width)[:12]))}"
+                         + (", ..." if len(divisors(width)) > 12 else ""))
+    new_k = k * G if top_k is None else top_k
+    if not 1 <= new_k <= n * G:
+        raise UsageError(f"--top-k must be between 1 and {n * G} experts after the split, got {new_k}")
+    if cfg.get("n_group", 1) > 1 and cfg.get("topk_group", 1) < cfg["n_group"]:
+        raise UsageError(f"group-limited routing (n_group {cfg['n_group']}, topk_group {cfg['topk_group']}) scores a group "
+                         "by its best experts, which G identical children would change; not exact")
+    if method not in partition.METHODS:
+        raise UsageError(f"unknown --partition {method!r} (known: {', '.join(partition.METHODS)})")
+    if method == "coactivation" and not hidden_states:
+        raise UsageError("--partition coactivation needs calibration hidden states")
+
+    reader = ExpertReader(ckpt, target, n)
+    moe_layers = [i for i in range(cfg["num_hidden_layers"]) if target.router.format(i=i) in ckpt.tensors]
+    if not moe_layers:
+        raise MoekitError(f"{ckpt.path} has no MoE layers in the {target.model_type} layout")
+    states = hidden_states(moe_layers) if method == "coactivation" else {}  # forward passes: options are valid now
+    factor = child_weight_factor(target.routing, cfg, G)
+    out_dtype = dtype or ckpt.meta(target.router.format(i=moe_layers[0])).dtype
+    child = width // G
+
+    @lru_cache(maxsize=4)
+    def permutation(i: int, e: int) -> torch.Tensor:
+        if method == "contiguous":
+            return partition.contiguous(width, G)
+        if method == "random":
+            return partition.random(width, G, seed=seed * 1_000_003 + i * 1009 + e)
+        gate, up, _ = reader.expert(i, e)
+        if method == "kmeans":
+            return partition.kmeans(gate, up, G, seed=seed + i)
+        return partition.coactivation(gate, up, states[i], G, seed=seed + i).cpu()
+
+    def child_tensor(i: int, e: int, g: int, proj: str) -> torch.Tensor:
+        idx = permutation(i, e)[g * child:(g + 1) * child]
+        w = reader.expert(i, e)[PROJS.index(proj)]
+        if proj == "down":  # the factor goes on the output side: act(gate x) is not homogeneous
+            return (w[:, idx].float() * factor).to(out_dtype)
+        return w[idx].to(out_dtype)
+
+    block_names = {i: reader.names(i) for i in moe_layers}
+    owner = {name: i for i, names in block_names.items() for name in names}
+    outputs, layers, done = [], [], set()
+    hidden = cfg["hidden_size"]
+    for meta in ckpt.tensors.values():
+        i = owner.get(meta.name)
+        if i is None:
+            cast = dtype if dtype is not None and meta.dtype.is_floating_point else meta.dtype
+            outputs.append(OutputTensor(TensorMeta(meta.name, meta.shape, cast),
+                                        lambda name=meta.name, c=cast: ckpt.load(name, c)))
+            continue
+        if i in done:
+            continue
+        done.add(i)
+        outputs += _child_block(target, i, n, G, child, hidden, out_dtype, reader, child_tensor)
+        layers.append({"layer": i, "parents": n, "children": n * G, "granularity": G, "partition": method,
+                       "factor": factor,
+                       **({} if method == "contiguous" else {"permutations": {e: permutation(i, e).tolist() for e in range(n)}})})
+    config = dict(cfg)
+    config.update({f: n * G for f in target.experts_fields})
+    config[target.width_field] = child
+    config["num_experts_per_tok"] = new_k
+    if target.shared_field and target.shared_is_count:  # GLM: shared width is moe_intermediate_size × count
+        config[target.shared_field] = cfg[target.shared_field] * G
+    return SplitPlan(outputs, config, layers, target, n * G, new_k, factor, exact=new_k == k * G)
+
+
+def _child_block(t: Target, i, n, G, child, hidden, dtype, reader, child_tensor) -> list[OutputTensor]:
+    router = t.router.format(i=i)
+    block = [OutputTensor(TensorMeta(router, (n * G, hidden), dtype),
+                          lambda: reader.load(router).repeat_interleave(G, dim=0).to(dtype))]
+    if t.router_bias:
+        bias = t.router_bias.format(i=i)
+        block.append(OutputTensor(TensorMeta(bias, (n * G,), torch.float32),
+                                  lambda: reader.load(bias).float().repeat_interleave(G)))
+    shapes = {"gate": (child, hidden), "up": (child, hidden), "down": (hidden, child)}
+    if t.expert:
+        for e in range(n):
+            for g in range(G):
+                for p in PROJS:
+                    name = t.expert.format(i=i, e=e * G + g, proj=t.proj[p])
+                    block.append(OutputTensor(TensorMeta(name, shapes[p], dtype),
+                                              lambda e=e, g=g, p=p: child_tensor(i, e, g, p)))
+        return block
+    pairs = [(e, g) for e in range(n) for g in range(G)]
+    block.append(OutputTensor(TensorMeta(t.fused_gate_up.format(i=i), (n * G, 2 * child, hidden), dtype),
+                              lambda: (torch.cat([child_tensor(i, e, g, "gate"), child_tensor(i, e, g, "up")])[None]
+                                       for e, g in pairs)))
+    block.append(OutputTensor(TensorMeta(t.fused_down.format(i=i), (n * G, hidden, child), dtype),
+                              lambda: (child_tensor(i, e, g, "down")[None] for e, g in pairs)))
+    return block

@@ -1,0 +1,133 @@
+"""split-granularity is exact for every routing family and partition method, and fails cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moekit.targets import TARGETS
+from tests.conftest import run_moekit
+from tests.test_upcycle import max_rel_error, upcycle
+
+# MoE models as transformers itself builds them: trained-looking (distinct) experts and routers.
+NATIVE = ["mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo", "glm4_moe", "granitemoe"]
+
+
+def split(src, out, *args):
+    return run_moekit("split-granularity", str(src), str(out), *args, check=True)
+
+
+@pytest.mark.parametrize("family", NATIVE)
+@pytest.mark.parametrize("method", ["contiguous", "random", "kmeans"])
+def test_split_of_native_moe_is_exact(tiny_models, tmp_path, family, method):
+    src, out = tiny_models(family), tmp_path / "fine"
+    split(src, out, "-g", "4", "--partition", method)
+    cfg, old = (json.loads((p / "config.json").read_text()) for p in (out, src))
+    t = TARGETS[family]
+    assert all(cfg[f] == 16 for f in t.experts_fields) and cfg["num_experts_per_tok"] == 8
+    assert cfg[t.width_field] == old[t.width_field] // 4
+    assert max_rel_error(src, out, 128, seed=len(family)) <= 1e-5
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_sigmoid_routing_factor_follows_norm_topk_prob(tmp_path, norm):
+    """GLM / DeepSeek-V3: without renormalisation each child keeps the parent's whole weight."""
+    from moekit.checkpoint import open_checkpoint
+    from tests import tiny
+
+    src = tiny.build("glm4_moe", tmp_path / "src", norm_topk_prob=norm, routed_scaling_factor=2.5)
+    split(src, tmp_path / "fine", "-g", "2")
+    assert max_rel_error(src, tmp_path / "fine", 128, seed=1) <= 1e-5
+    record = json.loads((tmp_path / "fine" / "moekit.json").read_text())
+    assert record["layers"][0]["factor"] == (2.0 if norm else 1.0)
+    bias = open_checkpoint(tmp_path / "fine").load("model.layers.1.mlp.gate.e_score_correction_bias")
+    assert bias.dtype == torch.float32 and bias.shape == (8,)
+
+
+@pytest.mark.parametrize("parent,target", [(p, t.model_type) for t in TARGETS.values() for p in t.parents[:1]])
+def test_split_of_upcycled_models_is_exact(tiny_models, tmp_path, parent, target):
+    src = tiny_models(parent)
+    upcycle(src, tmp_path / "moe", "-n", "4", "-k", "2", "--target", target, "--noise", "0.05", "--seed", "3")
+    split(tmp_path / "moe", tmp_path / "fine", "-g", "2", "--partition", "random")
+    assert max_rel_error(tmp_path / "moe", tmp_path / "fine", 128, seed=2) <= 1e-5
+
+
+def test_dense_source_is_upcycled_and_split_in_one_pass(tiny_models, tmp_path):
+    src = tiny_models("qwen3")
+    split(src, tmp_path / "fine", "-g", "8", "--partition", "kmeans")
+    cfg = json.loads((tmp_path / "fine" / "config.json").read_text())
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]) == (8, 8, 16)
+    assert max_rel_error(src, tmp_path / "fine", 128, seed=4) <= 1e-5
+
+
+def test_one_neuron_experts(tiny_models, tmp_path):
+    """G = I (the PEER direction): works, and inspect shows what the router costs."""
+    src = tiny_models("mixtral")
+    split(src, tmp_path / "fine", "-g", "128")  # Mixtral's expert width is intermediate_size, 128
+    # transformers 5.x's default grouped_mm kernels need expert rows of 16-byte multiples: one
+    # fp32 neuron is 4 bytes, so such models run with the eager experts (4.57 has only those).
+    import transformers
+
+    eager = {"experts_implementation": "eager"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
+    assert max_rel_error(src, tmp_path / "fine", 128, seed=6, **eager) <= 1e-5
+    before, after = (json.loads(run_moekit("inspect", str(p), "--json", check=True).stdout)["moe"]
+                     for p in (src, tmp_path / "fine"))
+    assert after["experts"] == 4 * 128 and after["expert_width"] == 1
+    assert after["router_flops_share"] > 10 * before["router_flops_share"]
+
+
+def test_coactivation_partition(tiny_models, tmp_path):
+    from tests.tiny import with_char_tokenizer
+
+    src = with_char_tokenizer(tiny_models("qwen3_moe"), tmp_path / "src")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"line {i}: {'abc' * (i % 4)} {i * 31} xyz" for i in range(50)))
+    split(src, tmp_path / "fine", "-g", "4", "--partition", "coactivation", "--calibration", str(calib),
+          "--calibration-tokens", "300")
+    assert max_rel_error(src, tmp_path / "fine", 128, seed=8) <= 1e-5
+    perms = json.loads((tmp_path / "fine" / "moekit.json").read_text())["layers"][0]["permutations"]
+    assert sorted(perms["0"]) == list(range(32)) and perms["0"] != list(range(32))
+
+
+def test_changed_top_k_is_allowed_but_not_exact(tiny_models, tmp_path):
+    src = tiny_models("mixtral")
+    out = json.loads(run_moekit("split-granularity", str(src), str(tmp_path / "fine"), "-g", "2", "-k", "2",
+                                "--json", check=True).stdout)
+    assert out["exact"] is False and out["top_k"] == 2
+    assert max_rel_error(src, tmp_path / "fine", 128, seed=1) > 1e-4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-g", "3"], "widths that work: 2, 4, 8, 16, 32"),
+    (["-g", "1"], "at least 2"),
+    (["-g", "2", "-k", "9"], "between 1 and 8"),
+    (["-g", "2", "--partition", "magic"], "partition: Input should be 'contiguous', 'random', 'kmeans' or 'coactivation'"),
+])
+def test_impossible_options_fail_cleanly(tiny_models, tmp_path, args, message):
+    proc = run_moekit("split-granularity", str(tiny_models("mixtral")), str(tmp_path / "out"), *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_group_limited_routing_refused(tmp_path):
+    from tests import tiny
+
+    src = tiny.build("glm4_moe", tmp_path / "src", n_group=2, topk_group=1)
+    proc = run_moekit("split-granularity", str(src), str(tmp_path / "out"), "-g", "2")
+    assert proc.returncode == 2 and "group-limited" in proc.stderr
+
+
+def test_unknown_moe_refused(tiny_models, tmp_path):
+    proc = run_moekit("split-granularity", str(tiny_models("olmoe")), str(tmp_path / "out"), "-g", "2")
+    assert proc.returncode == 3 and "MoE layouts moekit writes" in proc.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_dense_to_8x2_to_32x8_and_dense_to_g8(smollm2, tmp_path):
+    upcycle(smollm2, tmp_path / "8x2", "-n", "8", "-k", "2")
+    split(tmp_path / "8x2", tmp_path / "32x8", "-g", "4", "--partition", "kmeans")
+    assert max_rel_error(smollm2, tmp_path / "32x8", 49152, seed=12, shape=(4, 128)) <= 1e-5
+    split(smollm2, tmp_path / "g8", "-g", "8")
+    assert max_rel_error(smollm2, tmp_path / "g8", 49152, seed=13, shape=(4, 128)) <= 1e-5
