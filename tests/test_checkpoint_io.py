@@ -293,3 +293,14 @@ main()
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == []
+
+
+def test_shards_end_before_the_safetensors_header_limit():
+    from moekit.checkpoint import TensorMeta
+    from moekit.checkpoint.writer import MAX_HEADER_BYTES, plan_shards
+
+    plan = [TensorMeta(f"model.layers.{i // 3000}.mlp.experts.{i % 3000}.down_proj.weight", (4,), torch.float32)
+            for i in range(700_000)]
+    shards = plan_shards(plan, 10**12)
+    assert len(shards) > 1 and sum(len(s.tensors) for s in shards) == len(plan)
+    assert all(len(s.header()) < MAX_HEADER_BYTES * 1.1 < 100_000_000 for s in shards)

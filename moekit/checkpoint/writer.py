@@ -24,6 +24,9 @@ from moekit.checkpoint.reader import TensorMeta
 from moekit.errors import MoekitError, UsageError
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3  # transformers' default, "5GB"
+# safetensors refuses headers over 100 MB; one-neuron experts mean millions of tiny tensors, so
+# a shard also ends when its header would pass this.
+MAX_HEADER_BYTES = 64 * 1000**2
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
 TEMP_MARKER = ".moekit-partial-"
@@ -49,9 +52,11 @@ class _Shard:
     file_name: str
     tensors: list[TensorMeta] = field(default_factory=list)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+    header_estimate: int = 0
+
+    def add(self, meta: TensorMeta) -> None:
+        self.tensors.append(meta)
+        self.header_estimate += len(meta.name) + 80  # name, dtype, shape and offsets in JSON
 
     def header(self) -> bytes:
         entries, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -67,10 +72,14 @@ class _Shard:
 def plan_shards(plan: list[TensorMeta], max_shard_size: int) -> list[_Shard]:
     """Split tensors, in order, into shards no larger than max_shard_size (unless one tensor is)."""
     shards: list[_Shard] = [_Shard("")]
+    size = 0
     for meta in plan:
-        if shards[-1].tensors and shards[-1].nbytes + meta.nbytes > max_shard_size:
+        current = shards[-1]
+        if current.tensors and (size + meta.nbytes > max_shard_size or current.header_estimate > MAX_HEADER_BYTES):
             shards.append(_Shard(""))
-        shards[-1].tensors.append(meta)
+            size = 0
+        shards[-1].add(meta)
+        size += meta.nbytes
     n = len(shards)
     for i, shard in enumerate(shards, 1):
         shard.file_name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
