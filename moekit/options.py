@@ -16,30 +16,35 @@ from moekit.errors import UsageError
 RouterInit = Literal["random", "uniform", "zero", "kmeans", "prompts"]
 
 
-class UpcycleOptions(BaseModel):
+class SurgeryOptions(BaseModel):
+    """What every surgery takes: where from, where to, and how to write."""
+
     model_config = ConfigDict(extra="forbid")
 
     source: str
     output: Path
-    experts: int = Field(8, description="N experts per MoE layer")
-    top_k: int = Field(2, description="K experts per token")
-    target: str | None = None
-    shared_experts: int | None = None
-    router_init: RouterInit = "random"
     calibration: Path | None = None
     calibration_tokens: int = 8192
-    prompts: list[Path] = []
-    negative_prompts: Path | None = None
-    noise: float = 0.0
-    drop_upcycling: float = 0.0
-    moe_layers: str = "all"
-    expert_sources: list[str] = []
     dtype: str | None = None
     max_shard_size: str = "5GB"
     seed: int = 0
     device: str = "auto"
     overwrite: bool = False
     allow_pickle: bool = False
+
+
+class UpcycleOptions(SurgeryOptions):
+    experts: int = Field(8, description="N experts per MoE layer")
+    top_k: int = Field(2, description="K experts per token")
+    target: str | None = None
+    shared_experts: int | None = None
+    router_init: RouterInit = "random"
+    prompts: list[Path] = []
+    negative_prompts: Path | None = None
+    noise: float = 0.0
+    drop_upcycling: float = 0.0
+    moe_layers: str = "all"
+    expert_sources: list[str] = []
 
 
 def load_options(model: type[BaseModel], recipe: Path | None, cli: dict) -> BaseModel:
@@ -63,22 +68,10 @@ def load_options(model: type[BaseModel], recipe: Path | None, cli: dict) -> Base
         raise UsageError(f"{where}: {first['msg']}" + (f" (in recipe {recipe})" if recipe else "")) from None
 
 
-class SplitOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    source: str
-    output: Path
+class SplitOptions(SurgeryOptions):
     granularity: int = Field(description="G children per expert")
     top_k: int | None = Field(None, description="experts per token after the split; default K·G (exact)")
     partition: Literal["contiguous", "random", "kmeans", "coactivation"] = "contiguous"
-    calibration: Path | None = None
-    calibration_tokens: int = 8192
     target: str | None = None  # dense sources only: which MoE architecture to write
     shared_experts: int | None = None  # dense sources only
     moe_layers: str = "all"  # dense sources only
-    dtype: str | None = None
-    max_shard_size: str = "5GB"
-    seed: int = 0
-    device: str = "auto"
-    overwrite: bool = False
-    allow_pickle: bool = False

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from moekit.architectures import SIGMOID_BIASED, SOFTMAX_RENORM, SOFTMAX_TOPK, TOPK_SOFTMAX, Routing
 
+PROJS = ("gate", "up", "down")  # moekit's names for a SwiGLU FFN's projections
 DENSE_FFN = "model.layers.{i}.mlp.{proj}_proj.weight"
 HF_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 

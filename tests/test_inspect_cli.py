@@ -17,7 +17,7 @@ def test_version_and_help():
         assert cmd in helptext
 
 
-@pytest.mark.parametrize("cmd", ["split-granularity", "add-experts", "profile"])
+@pytest.mark.parametrize("cmd", ["add-experts", "profile"])
 def test_unbuilt_commands_say_so(cmd):
     proc = run_moekit(cmd, "x", "y")
     assert proc.returncode == 2 and "not built yet" in proc.stderr
@@ -50,13 +50,7 @@ def test_inspect_moe(tiny_models, model_type):
 
 
 def test_inspect_unknown_moe_says_what_it_cannot_tell(tiny_models, tmp_path):
-    import shutil
-
-    path = tmp_path / "odd"
-    shutil.copytree(tiny_models("mixtral"), path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["model_type"] = "someone_elses_moe"
-    (path / "config.json").write_text(json.dumps(cfg))
+    path = tiny.copy_with_config(tiny_models("mixtral"), tmp_path / "odd", model_type="someone_elses_moe")
     r = json.loads(run_moekit("inspect", str(path), "--json", check=True).stdout)
     assert r["moe"]["experts"] == 4 and r["moe"]["top_k"] is None
     assert any("no routing table" in n for n in r["notes"])

@@ -142,13 +142,9 @@ def test_moe_source_refused(tiny_models, tmp_path):
 
 
 def test_unknown_dense_family_refused(tiny_models, tmp_path):
-    import shutil
+    from tests.tiny import copy_with_config
 
-    src = tmp_path / "gemma-ish"
-    shutil.copytree(tiny_models("llama"), src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["model_type"] = "gemma"
-    (src / "config.json").write_text(json.dumps(cfg))
+    src = copy_with_config(tiny_models("llama"), tmp_path / "gemma-ish", model_type="gemma")
     before = (src / "model.safetensors").read_bytes()
     proc = run_moekit("upcycle", str(src), str(tmp_path / "out"))
     assert proc.returncode == 3 and "no upcycle for dense model_type 'gemma'" in proc.stderr

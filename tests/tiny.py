@@ -69,3 +69,14 @@ def with_char_tokenizer(model: Path, dst: Path) -> Path:
     PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(dst)
     return dst
+
+
+def copy_with_config(model: Path, dst: Path, **changes) -> Path:
+    """A copy of `model` whose config.json has `changes` applied."""
+    import json
+    import shutil
+
+    shutil.copytree(model, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return dst

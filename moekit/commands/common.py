@@ -8,7 +8,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -25,6 +25,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists (only once the new one is complete).")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model.bin (with torch.load(weights_only=True)).")]
+
+# Options of the recipe-aware surgeries: None means "not given", so a recipe's value stands.
+CalibrationOpt = Annotated[Optional[Path], typer.Option(help="Calibration text (.txt, or .jsonl with a \"text\" field). [default: built-in sample of real text]")]
+CalibrationTokensOpt = Annotated[Optional[int], typer.Option(help="Tokens of calibration text to use. [default: 8192]")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="float32, bfloat16, float16. [default: the source's; GGUF: float32]")]
+MaxShardOpt = Annotated[Optional[str], typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB. [default: 5GB]")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of every random choice. [default: 0]")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="Device for forward passes on calibration text: auto, cpu, cuda. [default: auto]")]
+RecipeOpt = Annotated[Optional[Path], typer.Option(help="YAML recipe with any of these options (flags given here override it).")]
+MaybeOverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace OUTPUT once the new one is complete.")]
 
 
 def fail(message: str, code: int) -> typer.Exit:

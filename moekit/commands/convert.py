@@ -25,8 +25,9 @@ def convert_command(
     come along unchanged.
 
     Examples:
-      moekit convert smollm2-135m ./smollm2 --dtype bfloat16
-      moekit convert ./old-bin-model ./model --allow-pickle
+
+        moekit convert smollm2-135m ./smollm2 --dtype bfloat16
+        moekit convert ./old-bin-model ./model --allow-pickle
     """
     from moekit.checkpoint import open_checkpoint
     from moekit.checkpoint.dtypes import parse_dtype

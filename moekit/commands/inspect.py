@@ -14,8 +14,9 @@ def inspect_command(source: SourceArg, json_output: JsonOpt = False, allow_pickl
     say something, the report says so in its notes instead of guessing.
 
     Examples:
-      moekit inspect smollm2-135m
-      moekit inspect ./my-moe --json | jq .moe
+
+        moekit inspect smollm2-135m
+        moekit inspect ./my-moe --json | jq .moe
     """
     from moekit.checkpoint import open_checkpoint
     from moekit.inspect import describe

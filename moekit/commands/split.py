@@ -5,7 +5,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from moekit.commands.common import JsonOpt, PickleOpt, byte_progress, err, handle_errors, print_json
+from moekit.commands.common import (CalibrationOpt, CalibrationTokensOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxShardOpt,
+                                    MaybeOverwriteOpt, PickleOpt, RecipeOpt, SeedOpt, byte_progress, err,
+                                    handle_errors, print_json)
 
 
 @handle_errors
@@ -15,17 +17,17 @@ def split_command(
     granularity: Annotated[Optional[int], typer.Option("--granularity", "-g", help="G: children per expert; must divide the expert width.")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help="Experts per token after the split. [default: K·G, exact]")] = None,
     partition: Annotated[Optional[str], typer.Option(help="contiguous | random | kmeans | coactivation: which neurons go together. [default: contiguous]")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(help="Text for --partition coactivation (.txt/.jsonl). [default: built-in sample]")] = None,
-    calibration_tokens: Annotated[Optional[int], typer.Option(help="Tokens of calibration text. [default: 8192]")] = None,
+    calibration: CalibrationOpt = None,
+    calibration_tokens: CalibrationTokensOpt = None,
     target: Annotated[Optional[str], typer.Option(help="Dense sources only: the MoE architecture to write. [default: the family's natural target]")] = None,
     shared_experts: Annotated[Optional[int], typer.Option(help="Dense sources only: shared experts (zero output at start).")] = None,
     moe_layers: Annotated[Optional[str], typer.Option(help="Dense sources only: which layers become MoE (as in upcycle).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16, float16. [default: the source's]")] = None,
-    max_shard_size: Annotated[Optional[str], typer.Option(help="Largest shard, e.g. 5GB. [default: 5GB]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for random / kmeans partitions. [default: 0]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Device for coactivation forward passes: auto, cpu, cuda.")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe with any of these options (flags override it).")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace OUTPUT once the new one is complete.")] = None,
+    dtype: DtypeOpt = None,
+    max_shard_size: MaxShardOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    recipe: RecipeOpt = None,
+    overwrite: MaybeOverwriteOpt = None,
     allow_pickle: PickleOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -37,9 +39,10 @@ def split_command(
     docs/split-granularity.md). A dense source is upcycled and split in one pass (MoEfication).
 
     Examples:
-      moekit split-granularity ./smol-8x2 ./smol-32x8 --granularity 4
-      moekit split-granularity ./smol-8x2 ./smol-32x8-km -g 4 --partition kmeans
-      moekit split-granularity smollm2-135m ./smol-g8 -g 8 --target mixtral
+
+        moekit split-granularity ./smol-8x2 ./smol-32x8 --granularity 4
+        moekit split-granularity ./smol-8x2 ./smol-32x8-km -g 4 --partition kmeans
+        moekit split-granularity smollm2-135m ./smol-g8 -g 8 --target mixtral
     """
     from moekit.options import SplitOptions, load_options
 

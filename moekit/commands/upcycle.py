@@ -5,7 +5,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from moekit.commands.common import (JsonOpt, PickleOpt, byte_progress, err, handle_errors, print_json)
+from moekit.commands.common import (CalibrationOpt, CalibrationTokensOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxShardOpt,
+                                    MaybeOverwriteOpt, PickleOpt, RecipeOpt, SeedOpt, byte_progress, err,
+                                    handle_errors, print_json)
 
 
 @handle_errors
@@ -17,20 +19,20 @@ def upcycle_command(
     target: Annotated[Optional[str], typer.Option(help="mixtral, qwen2_moe, qwen3_moe, glm4_moe, flex_olmo, granitemoe, granitemoeshared. [default: the parent family's natural target]")] = None,
     shared_experts: Annotated[Optional[int], typer.Option(help="Shared experts (qwen2_moe: 1, glm4_moe: 1-8, granitemoeshared: 1); they start with zero output.")] = None,
     router_init: Annotated[Optional[str], typer.Option(help="random | uniform | zero | kmeans | prompts. [default: random]")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(help="Text (.txt/.jsonl) for --router-init kmeans. [default: built-in sample]")] = None,
-    calibration_tokens: Annotated[Optional[int], typer.Option(help="Tokens of calibration text for kmeans. [default: 8192]")] = None,
+    calibration: CalibrationOpt = None,
+    calibration_tokens: CalibrationTokensOpt = None,
     prompts: Annotated[Optional[list[Path]], typer.Option("--prompts", help="One prompt file per expert for --router-init prompts (repeat the flag).")] = None,
     negative_prompts: Annotated[Optional[Path], typer.Option(help="Prompts no expert should prefer (with --router-init prompts).")] = None,
     noise: Annotated[Optional[float], typer.Option(help="Relative Gaussian noise σ on expert weights (breaks exactness).")] = None,
     drop_upcycling: Annotated[Optional[float], typer.Option(help="Re-draw this ratio of each expert's neurons (Drop-Upcycling; breaks exactness).")] = None,
     moe_layers: Annotated[Optional[str], typer.Option(help="all | every:2 | 0-3,20-29 | skip-first:2,skip-last:2. [default: all]")] = None,
     expert_sources: Annotated[Optional[str], typer.Option(help="A,B,...: expert i's FFN from fine-tune i of the same base (Branch-Train-MiX).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16, float16. [default: the source's; GGUF: float32]")] = None,
-    max_shard_size: Annotated[Optional[str], typer.Option(help="Largest shard, e.g. 5GB. [default: 5GB]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for router init and symmetry breaking. [default: 0]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Device for kmeans/prompts forward passes: auto, cpu, cuda.")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe with any of these options (flags override it).")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace OUTPUT once the new one is complete.")] = None,
+    dtype: DtypeOpt = None,
+    max_shard_size: MaxShardOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    recipe: RecipeOpt = None,
+    overwrite: MaybeOverwriteOpt = None,
     allow_pickle: PickleOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -41,10 +43,11 @@ def upcycle_command(
     memory stays at a few tensors whatever the model size.
 
     Examples:
-      moekit upcycle smollm2-135m ./smol-moe --experts 8 --top-k 2 --dtype bfloat16
-      moekit upcycle ./qwen3-dense ./qwen3-moe -n 16 -k 4 --moe-layers every:2
-      moekit upcycle ./llama ./glm --target glm4_moe --shared-experts 1 --router-init kmeans
-      moekit upcycle --recipe recipes/smollm2-mixtral-8x2.yaml
+
+        moekit upcycle smollm2-135m ./smol-moe --experts 8 --top-k 2 --dtype bfloat16
+        moekit upcycle ./qwen3-dense ./qwen3-moe -n 16 -k 4 --moe-layers every:2
+        moekit upcycle ./llama ./glm --target glm4_moe --shared-experts 1 --router-init kmeans
+        moekit upcycle --recipe recipes/smollm2-mixtral-8x2.yaml
     """
     from moekit.options import UpcycleOptions, load_options
 

@@ -42,9 +42,10 @@ def verify_command(
     (upcycle, split-granularity) stays near 1e-6 in float32; bfloat16 needs a looser tolerance.
 
     Examples:
-      moekit verify smollm2-135m ./smollm2-moe
-      moekit verify ./moe ./moe-fine --data notes.txt --tokens 2048 --device cuda
-      moekit verify ./base ./grown --tolerance 1e-3 --json | jq .top1_agreement
+
+        moekit verify smollm2-135m ./smollm2-moe
+        moekit verify ./moe ./moe-fine --data notes.txt --tokens 2048 --device cuda
+        moekit verify ./base ./grown --tolerance 1e-3 --json | jq .top1_agreement
     """
     from transformers.utils import logging as hf_logging
 

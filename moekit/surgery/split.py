@@ -19,9 +19,7 @@ from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.errors import MoekitError, UsageError
 from moekit.pipeline import OutputTensor
 from moekit.surgery import partition
-from moekit.targets import TARGETS, Target
-
-PROJS = ("gate", "up", "down")
+from moekit.targets import PROJS, TARGETS, Target
 
 
 @dataclass(frozen=True)

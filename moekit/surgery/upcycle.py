@@ -17,9 +17,7 @@ from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.errors import MoekitError, UsageError
 from moekit.inspect import describe
 from moekit.pipeline import OutputTensor
-from moekit.targets import DEFAULT_TARGET, DENSE_FFN, TARGETS, WHY_NOT, Target
-
-PROJS = ("gate", "up", "down")
+from moekit.targets import DEFAULT_TARGET, DENSE_FFN, PROJS, TARGETS, WHY_NOT, Target
 
 
 @dataclass(frozen=True)
