@@ -25,8 +25,11 @@ def run_split(opts: SplitOptions, progress: Progress | None = None) -> tuple[Wri
         up = plan_upcycle(ckpt, opts.target, 1, 1, shared=opts.shared_experts, moe_layers_spec=opts.moe_layers,
                           router_init="zero", dtype=dtype, seed=opts.seed)
         source = PlannedCheckpoint(ckpt, up.outputs, up.config)
+    from moekit.hf import resolve_device
+
+    device = resolve_device(opts.device) if opts.partition in ("kmeans", "coactivation") else "cpu"
     plan = plan_split(source, opts.granularity, top_k=opts.top_k, method=opts.partition, seed=opts.seed, dtype=dtype,
-                      hidden_states=lambda layers: _mlp_inputs(ckpt, opts, layers))
+                      hidden_states=lambda layers: _mlp_inputs(ckpt, device, opts, layers), device=device)
     out_dtype = plan.outputs[0].meta.dtype
     summary = {"target": plan.target.model_type, "from": "dense" if dense else f"{plan.experts // opts.granularity} experts",
                "granularity": opts.granularity, "experts": plan.experts, "top_k": plan.top_k,
@@ -49,12 +52,11 @@ def run_split(opts: SplitOptions, progress: Progress | None = None) -> tuple[Wri
                     "seconds": round(result.seconds, 2), "MB/s": round(result.mb_per_s, 1)}
 
 
-def _mlp_inputs(ckpt: Checkpoint, opts: SplitOptions, layers: list[int]) -> dict[int, torch.Tensor]:
+def _mlp_inputs(ckpt: Checkpoint, device, opts: SplitOptions, layers: list[int]) -> dict[int, torch.Tensor]:
     """Hidden states entering each MoE layer on calibration text (for --partition coactivation)."""
-    from moekit.hf import load_model, load_tokenizer, resolve_device
+    from moekit.hf import load_model, load_tokenizer
     from moekit.surgery import router_init as ri
 
-    device = resolve_device(opts.device)
     # from_pretrained, not load_dense_model: it maps per-expert keys onto 5.x's fused experts
     model, tokenizer = load_model(ckpt.path, torch.float32, device)[0], load_tokenizer(ckpt.path)
     texts = ri.read_text_file(opts.calibration) if opts.calibration else ri.builtin_calibration_text()

@@ -74,7 +74,7 @@ class ExpertReader:
 
 def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, method: str = "contiguous",
                hidden_states: Callable[[list[int]], dict[int, torch.Tensor]] | None = None, seed: int = 0,
-               dtype: torch.dtype | None = None) -> SplitPlan:
+               dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> SplitPlan:
     cfg, G = ckpt.config, granularity
     target = source_target(ckpt)
     n, k = read_field(cfg, target.experts_fields), cfg["num_experts_per_tok"]
@@ -111,9 +111,9 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
             return partition.contiguous(width, G)
         if method == "random":
             return partition.random(width, G, seed=seed * 1_000_003 + i * 1009 + e)
-        gate, up, _ = reader.expert(i, e)
+        gate, up = (w.to(device) for w in reader.expert(i, e)[:2])  # clustering runs on the GPU when there is one
         if method == "kmeans":
-            return partition.kmeans(gate, up, G, seed=seed + i)
+            return partition.kmeans(gate, up, G, seed=seed + i).cpu()
         return partition.coactivation(gate, up, states[i], G, seed=seed + i).cpu()
 
     def child_tensor(i: int, e: int, g: int, proj: str) -> torch.Tensor:
