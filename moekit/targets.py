@@ -84,6 +84,9 @@ TARGETS: dict[str, Target] = {t.model_type: t for t in [
            shared_fused=("model.layers.{i}.shared_mlp.input_linear.weight", "model.layers.{i}.shared_mlp.output_linear.weight"),
            shared_range=(1, 1), experts_fields=("num_local_experts",),
            shared_field="shared_intermediate_size", shared_is_count=False, parent_requires={"mlp_bias": False}),
+    # Read (split, add experts), never an upcycle target: see WHY_NOT.
+    Target("olmoe", "OlmoeForCausalLM", SOFTMAX_TOPK, (), router=_ROUTER, expert=_EXPERTS,
+           experts_fields=("num_experts",)),
 ]}
 
 # The natural target of each dense family (BRIEF §4).

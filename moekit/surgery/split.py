@@ -16,10 +16,11 @@ import torch
 
 from moekit.architectures import child_weight_factor, read_field
 from moekit.checkpoint import Checkpoint, TensorMeta
-from moekit.errors import MoekitError, UsageError
+from moekit.errors import UsageError
 from moekit.pipeline import OutputTensor
 from moekit.surgery import partition
-from moekit.targets import PROJS, TARGETS, Target
+from moekit.surgery.layout import ExpertReader, moe_layer_indices, source_target
+from moekit.targets import PROJS, Target
 
 
 @dataclass(frozen=True)
@@ -34,42 +35,8 @@ class SplitPlan:
     exact: bool
 
 
-def source_target(ckpt: Checkpoint) -> Target:
-    model_type = ckpt.config.get("model_type")
-    if model_type not in TARGETS:
-        raise MoekitError(f"split-granularity reads the MoE layouts moekit writes ({', '.join(TARGETS)}); "
-                          f"{ckpt.path} is {model_type!r}")
-    return TARGETS[model_type]
-
-
 def divisors(width: int) -> list[int]:
     return [d for d in range(2, width + 1) if width % d == 0]
-
-
-class ExpertReader:
-    """One layer's experts and router from a checkpoint in a target's layout."""
-
-    def __init__(self, ckpt: Checkpoint, target: Target, n: int):
-        self.ckpt, self.t, self.n = ckpt, target, n
-        self.load = lru_cache(maxsize=4)(ckpt.load)
-
-    def names(self, i: int) -> set[str]:
-        t = self.t
-        names = {t.router.format(i=i)} | ({t.router_bias.format(i=i)} if t.router_bias else set())
-        if t.expert:
-            names |= {t.expert.format(i=i, e=e, proj=t.proj[p]) for e in range(self.n) for p in PROJS}
-        else:
-            names |= {t.fused_gate_up.format(i=i), t.fused_down.format(i=i)}
-        return names
-
-    def expert(self, i: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate [I, H], up [I, H], down [H, I]) of expert e in layer i."""
-        t = self.t
-        if t.expert:
-            return tuple(self.load(t.expert.format(i=i, e=e, proj=t.proj[p])) for p in PROJS)
-        gate_up = self.load(t.fused_gate_up.format(i=i))[e]
-        gate, up = gate_up.chunk(2)
-        return gate, up, self.load(t.fused_down.format(i=i))[e]
 
 
 def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, method: str = "contiguous",
@@ -97,9 +64,7 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
         raise UsageError("--partition coactivation needs calibration hidden states")
 
     reader = ExpertReader(ckpt, target, n)
-    moe_layers = [i for i in range(cfg["num_hidden_layers"]) if target.router.format(i=i) in ckpt.tensors]
-    if not moe_layers:
-        raise MoekitError(f"{ckpt.path} has no MoE layers in the {target.model_type} layout")
+    moe_layers = moe_layer_indices(ckpt, target)
     states = hidden_states(moe_layers) if method == "coactivation" else {}  # forward passes: options are valid now
     factor = child_weight_factor(target.routing, cfg, G)
     out_dtype = dtype or ckpt.meta(target.router.format(i=moe_layers[0])).dtype

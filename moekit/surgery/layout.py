@@ -1,0 +1,53 @@
+"""Reading MoE checkpoints in the layouts of `moekit.targets`: which layers are MoE, and one
+layer's experts and router, whoever wrote the checkpoint."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from moekit.checkpoint import Checkpoint
+from moekit.errors import MoekitError
+from moekit.targets import PROJS, TARGETS, Target
+
+
+def source_target(ckpt: Checkpoint) -> Target:
+    model_type = ckpt.config.get("model_type")
+    if model_type not in TARGETS:
+        raise MoekitError(f"this command reads the MoE layouts moekit writes ({', '.join(TARGETS)}); "
+                          f"{ckpt.path} is {model_type!r}")
+    return TARGETS[model_type]
+
+
+def moe_layer_indices(ckpt: Checkpoint, target: Target) -> list[int]:
+    layers = [i for i in range(ckpt.config["num_hidden_layers"]) if target.router.format(i=i) in ckpt.tensors]
+    if not layers:
+        raise MoekitError(f"{ckpt.path} has no MoE layers in the {target.model_type} layout")
+    return layers
+
+
+class ExpertReader:
+    """One layer's experts and router from a checkpoint in a target's layout."""
+
+    def __init__(self, ckpt: Checkpoint, target: Target, n: int):
+        self.ckpt, self.t, self.n = ckpt, target, n
+        self.load = lru_cache(maxsize=4)(ckpt.load)
+
+    def names(self, i: int) -> set[str]:
+        t = self.t
+        names = {t.router.format(i=i)} | ({t.router_bias.format(i=i)} if t.router_bias else set())
+        if t.expert:
+            names |= {t.expert.format(i=i, e=e, proj=t.proj[p]) for e in range(self.n) for p in PROJS}
+        else:
+            names |= {t.fused_gate_up.format(i=i), t.fused_down.format(i=i)}
+        return names
+
+    def expert(self, i: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [I, H], up [I, H], down [H, I]) of expert e in layer i."""
+        t = self.t
+        if t.expert:
+            return tuple(self.load(t.expert.format(i=i, e=e, proj=t.proj[p])) for p in PROJS)
+        gate_up = self.load(t.fused_gate_up.format(i=i))[e]
+        gate, up = gate_up.chunk(2)
+        return gate, up, self.load(t.fused_down.format(i=i))[e]
