@@ -34,7 +34,7 @@ test-main: setup
 
 # Load-and-compare tests (every upcycle pair and split, inspect of every family) under transformers 4.57.
 test-4.57: $(VENV457)/bin/moekit
-	$(VENV457)/bin/python -m pytest -q -ra -m "not slow" tests/test_upcycle.py tests/test_split.py tests/test_inspect_cli.py
+	$(VENV457)/bin/python -m pytest -q -ra -m "not slow" tests/test_upcycle.py tests/test_split.py tests/test_grow.py tests/test_inspect_cli.py
 
 demo: setup
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)

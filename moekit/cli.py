@@ -9,6 +9,7 @@ import typer
 
 from moekit import __version__
 from moekit.commands.common import fail
+from moekit.commands.add_experts import add_experts_command
 from moekit.commands.convert import convert_command
 from moekit.commands.inspect import inspect_command
 from moekit.commands.split import split_command
@@ -56,6 +57,7 @@ app.command("convert")(convert_command)
 app.command("upcycle")(upcycle_command)
 app.command("verify")(verify_command)
 app.command("split-granularity")(split_command)
+app.command("add-experts")(add_experts_command)
 
 
 def _not_built(name: str, issue: str):
@@ -67,7 +69,6 @@ def _not_built(name: str, issue: str):
 
 
 for _name, _issue in {
-    "add-experts": "attach new experts to a frozen base",
     "profile": "routing balance on real text",
 }.items():
     app.command(_name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(_not_built(_name, _issue))

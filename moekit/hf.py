@@ -55,8 +55,11 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32,
     """The model in eval mode on `device`, and warnings about weights the checkpoint lacked
     (transformers initialises those randomly, so the comparison would measure noise)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     device = resolve_device(device)
+    hf_logging.set_verbosity_error()  # moekit reports what matters itself, one line each
+    hf_logging.disable_progress_bar()
     model, info = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype, output_loading_info=True)
     warnings = []
     for kind, consequence in (("missing_keys", "missing from the checkpoint, randomly initialised"),

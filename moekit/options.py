@@ -75,3 +75,17 @@ class SplitOptions(SurgeryOptions):
     target: str | None = None  # dense sources only: which MoE architecture to write
     shared_experts: int | None = None  # dense sources only
     moe_layers: str = "all"  # dense sources only
+
+
+class AddExpertsOptions(SurgeryOptions):
+    new_experts: int = Field(description="M experts appended to every MoE layer")
+    init: Literal["copy", "mean", "random", "drop-upcycling"] = "copy"
+    copy_from: str = "most-used"  # most-used | least-used | an expert id
+    router_init: Literal["copy", "kmeans", "zero"] = "copy"
+    profile: Path | None = None  # a `moekit profile --json` file with routing counts
+    top_k: int | None = None
+    drop_upcycling: float = 0.5  # ratio re-drawn with --init drop-upcycling
+    layers: str = "all"
+    experts: int = 8  # dense sources only: upcycled to this many experts first
+    target: str | None = None  # dense sources only
+    drift_tokens: int = 2048  # old-domain tokens to measure the drift at init on (0: skip)

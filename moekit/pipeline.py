@@ -52,9 +52,10 @@ def set_dtype(config: dict, dtype: torch.dtype) -> dict:
 
 def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *, config: dict,
                 operation: str, options: dict, layers: list[dict], summary: dict, title: str, what: str,
-                extra_sources: list[Checkpoint] = (), max_shard_size: int, overwrite: bool,
+                extra_sources: list[Checkpoint] = (), extra: dict | None = None, max_shard_size: int, overwrite: bool,
                 progress: Progress | None = None) -> WriteResult:
-    """Write `outputs` plus config, side files, moekit.json and README.md; atomic as a whole."""
+    """Write `outputs` plus config, side files, moekit.json (with `extra` keys) and README.md;
+    atomic as a whole."""
     start = time.perf_counter()
     all_sources = [source, *extra_sources]
     plan = [o.meta for o in outputs]
@@ -73,7 +74,7 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
         summary = {**summary, "bytes written": out.total_bytes, "seconds": round(seconds, 2),
                    "shards": len(out.shards)}
         records = [source_record(s.path, _hashed_files(s)) for s in all_sources]
-        record = build_record(operation, options, records, layers, summary)
+        record = {**build_record(operation, options, records, layers, summary), **(extra or {})}
         out.write_json("moekit.json", record)
         out.write_text("README.md", model_card(title, what, record))
         path = out.commit()

@@ -11,6 +11,7 @@ from moekit.checkpoint.writer import parse_size
 from moekit.inspect import describe
 from moekit.options import SplitOptions
 from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
+from moekit.surgery.router_init import calibration_mlp_inputs
 from moekit.surgery.split import plan_split
 from moekit.surgery.upcycle import plan_upcycle
 
@@ -29,7 +30,9 @@ def run_split(opts: SplitOptions, progress: Progress | None = None) -> tuple[Wri
 
     device = resolve_device(opts.device) if opts.partition in ("kmeans", "coactivation") else "cpu"
     plan = plan_split(source, opts.granularity, top_k=opts.top_k, method=opts.partition, seed=opts.seed, dtype=dtype,
-                      hidden_states=lambda layers: _mlp_inputs(ckpt, device, opts, layers), device=device)
+                      hidden_states=lambda layers: calibration_mlp_inputs(ckpt.path, layers, opts.calibration,
+                                                                          opts.calibration_tokens, device),
+                      device=device)
     out_dtype = plan.outputs[0].meta.dtype
     summary = {"target": plan.target.model_type, "from": "dense" if dense else f"{plan.experts // opts.granularity} experts",
                "granularity": opts.granularity, "experts": plan.experts, "top_k": plan.top_k,
@@ -51,13 +54,3 @@ def run_split(opts: SplitOptions, progress: Progress | None = None) -> tuple[Wri
     return result, {**summary, "output": str(result.path), "bytes": result.bytes_written,
                     "seconds": round(result.seconds, 2), "MB/s": round(result.mb_per_s, 1)}
 
-
-def _mlp_inputs(ckpt: Checkpoint, device, opts: SplitOptions, layers: list[int]) -> dict[int, torch.Tensor]:
-    """Hidden states entering each MoE layer on calibration text (for --partition coactivation)."""
-    from moekit.hf import load_model, load_tokenizer
-    from moekit.surgery import router_init as ri
-
-    # from_pretrained, not load_dense_model: it maps per-expert keys onto 5.x's fused experts
-    model, tokenizer = load_model(ckpt.path, torch.float32, device)[0], load_tokenizer(ckpt.path)
-    texts = ri.read_text_file(opts.calibration) if opts.calibration else ri.builtin_calibration_text()
-    return ri.collect_mlp_inputs(model, texts, tokenizer, layers, opts.calibration_tokens, seq_len=512, device=device)

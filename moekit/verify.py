@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -41,34 +41,42 @@ def _texts(data: Path) -> Iterator[str]:
 
 
 def make_inputs(vocab: int, tokens: int = 4096, batch: int = 8, seq_len: int = 256, seed: int = 0,
-                data: Path | None = None, tokenizer=None) -> list[torch.Tensor]:
+                data: Path | None = None, tokenizer=None, texts: Iterable[str] | None = None,
+                what: str = "text") -> list[torch.Tensor]:
     """Batches of token ids [b, seq_len] holding `tokens` ids in all (the last sequence may be
     shorter and then forms its own batch). Random ids below `vocab` from a seeded generator, or
-    the first `tokens` ids of `data` tokenised with `tokenizer` (documents separated by EOS)."""
-    if data is None:
-        ids = torch.randint(vocab, (tokens,), generator=torch.Generator().manual_seed(seed))
-    else:
+    the first `tokens` ids of `data` (a file) or `texts` tokenised with `tokenizer` (documents
+    separated by EOS)."""
+    if data is not None:
         data = Path(data)
         if not data.is_file():
             raise MoekitError(f"{data}: no such file")
-        flat: list[int] = []
-        for text in _texts(data):
-            flat += tokenizer(text, add_special_tokens=False)["input_ids"]
-            if tokenizer.eos_token_id is not None and data.suffix == ".jsonl":
-                flat.append(tokenizer.eos_token_id)
-            if len(flat) >= tokens:
-                break
-        if not flat:
-            raise MoekitError(f"{data}: no text to compare on (empty file?)")
-        ids = torch.tensor(flat[:tokens])
+        texts, what = _texts(data), str(data)
+    if texts is None:
+        ids = torch.randint(vocab, (tokens,), generator=torch.Generator().manual_seed(seed))
+    else:
+        ids = _tokenise(texts, tokenizer, tokens, what, separate=data is None or data.suffix == ".jsonl")
         if ids.max() >= vocab:
-            raise MoekitError(f"{data}: the tokenizer yields id {ids.max().item()}, but a model accepts only {vocab} ids: "
+            raise MoekitError(f"{what}: the tokenizer yields id {ids.max().item()}, but a model accepts only {vocab} ids: "
                               "the two models do not share PARENT's vocabulary")
     full = len(ids) // seq_len * seq_len
-    batches = list(ids[:full].view(-1, seq_len).split(batch))
+    batches = list(ids[:full].view(-1, seq_len).split(batch)) if full else []
     if full < len(ids):
         batches.append(ids[full:].unsqueeze(0))
     return batches
+
+
+def _tokenise(texts: Iterable[str], tokenizer, tokens: int, what: str, separate: bool) -> torch.Tensor:
+    flat: list[int] = []
+    for text in texts:
+        flat += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if separate and tokenizer.eos_token_id is not None:
+            flat.append(tokenizer.eos_token_id)
+        if len(flat) >= tokens:
+            break
+    if not flat:
+        raise MoekitError(f"{what}: no text to compare on (empty file?)")
+    return torch.tensor(flat[:tokens])
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,6 @@ def verify_command(
         moekit verify ./moe ./moe-fine --data notes.txt --tokens 2048 --device cuda
         moekit verify ./base ./grown --tolerance 1e-3 --json | jq .top1_agreement
     """
-    from transformers.utils import logging as hf_logging
-
     from moekit.checkpoint.dtypes import config_name, parse_dtype
     from moekit.checkpoint.sources import resolve_source
     from moekit.hf import load_model, load_tokenizer, resolve_device
@@ -59,8 +57,6 @@ def verify_command(
     resolve_source(parent), resolve_source(child)
     if data is not None and not data.is_file():
         raise MoekitError(f"{data}: no such file")
-    hf_logging.set_verbosity_error()  # our own warnings say what matters; keep stderr to one line each
-    hf_logging.disable_progress_bar()
     start = time.perf_counter()
     parent_model, warnings = load_model(parent, torch_dtype, where)
     child_model, child_warnings = load_model(child, torch_dtype, where)

@@ -1,0 +1,117 @@
+"""The add-experts job: open (upcycling a dense source on the fly), count routing where needed,
+plan, write with a freeze manifest, and measure the drift at init on old-domain text."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from moekit.checkpoint import Checkpoint, open_checkpoint
+from moekit.checkpoint.dtypes import parse_dtype
+from moekit.checkpoint.planned import PlannedCheckpoint
+from moekit.checkpoint.writer import parse_size
+from moekit.errors import MoekitError, UsageError
+from moekit.inspect import describe
+from moekit.options import AddExpertsOptions
+from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
+from moekit.surgery.grow import plan_add_experts, select_experts
+from moekit.surgery.router_init import calibration_mlp_inputs, kmeans_router_rows
+from moekit.surgery.upcycle import plan_upcycle
+
+
+def run_add_experts(opts: AddExpertsOptions, progress: Progress | None = None) -> tuple[WriteResult, dict]:
+    from moekit.hf import resolve_device
+
+    if opts.layers != "all":  # one expert count per model in every target's config
+        raise UsageError("--layers: every MoE layer of a model has the same number of experts in its config, "
+                         "so new experts go into all of them (train only some by editing the freeze manifest)")
+    dtype = parse_dtype(opts.dtype) if opts.dtype else None
+    ckpt = open_checkpoint(opts.source, allow_pickle=opts.allow_pickle, dtype=dtype)
+    dense = describe(ckpt)["kind"] == "dense"
+    source: Checkpoint = ckpt
+    if dense:
+        up = plan_upcycle(ckpt, opts.target, opts.experts, min(2, opts.experts), dtype=dtype, seed=opts.seed)
+        source = PlannedCheckpoint(ckpt, up.outputs, up.config)
+    device = resolve_device(opts.device)
+    plan = plan_add_experts(
+        source, opts.new_experts, init=opts.init, copy_from=opts.copy_from, router_init=opts.router_init,
+        top_k=opts.top_k, drop=opts.drop_upcycling, seed=opts.seed, dtype=dtype,
+        usage=lambda layers: _usage(source, opts, layers, device),
+        kmeans_rows=lambda layers: kmeans_router_rows(_new_domain_states(ckpt, opts, layers, device), opts.new_experts,
+                                                      seed=opts.seed))
+    out_dtype = plan.outputs[0].meta.dtype
+    summary = {"target": plan.target.model_type, "old_experts": plan.old_experts, "experts": plan.experts,
+               "top_k": plan.top_k, "init": opts.init, "router_init": opts.router_init, "moe_layers": len(plan.layers),
+               "trainable_tensors": sum(v != "frozen" for v in plan.freeze["tensors"].values()),
+               "dtype": str(out_dtype).removeprefix("torch.")}
+    result = write_model(
+        opts.output, ckpt, plan.outputs, config=set_dtype(plan.config, out_dtype), operation="add-experts",
+        options=opts.model_dump(mode="json"), layers=plan.layers, summary=summary, extra={"freeze": plan.freeze},
+        title=f"{plan.target.architecture} with {opts.new_experts} new experts per layer",
+        what=(f"`{ckpt.path.name}` with {plan.old_experts} experts per MoE layer, plus {opts.new_experts} new ones "
+              f"(ids {plan.old_experts}-{plan.experts - 1}, init {opts.init}, router rows {opts.router_init}) for a new "
+              "data distribution. `moekit.json` carries the freeze manifest (old experts, old router rows and the "
+              "rest of the network frozen) that `moekit train` applies."),
+        max_shard_size=parse_size(opts.max_shard_size), overwrite=opts.overwrite, progress=progress)
+    summary = {**summary, "output": str(result.path), "bytes": result.bytes_written, "seconds": round(result.seconds, 2)}
+    if opts.drift_tokens:
+        summary["drift"] = _drift(ckpt, result.path, opts, device)
+    return result, summary
+
+
+def _usage(ckpt: Checkpoint, opts: AddExpertsOptions, layers: list[int], device) -> dict[int, torch.Tensor]:
+    """Tokens routed to each old expert per layer: from a profile JSON, or counted on --calibration."""
+    if opts.profile:
+        return _usage_from_profile(opts.profile, layers)
+    if not opts.calibration:
+        raise UsageError(f"--copy-from {opts.copy_from} needs routing counts: give --profile or --calibration")
+    target_router = ckpt.config["model_type"]
+    from moekit.targets import TARGETS
+
+    t = TARGETS[target_router]
+    states = calibration_mlp_inputs(ckpt.path, layers, opts.calibration, opts.calibration_tokens, device)
+    counts = {}
+    for i, x in states.items():
+        w = ckpt.load(t.router.format(i=i), torch.float32).to(x.device)
+        bias = ckpt.load(t.router_bias.format(i=i), torch.float32).to(x.device) if t.router_bias else None
+        picked = select_experts(t.routing, x @ w.T, ckpt.config["num_experts_per_tok"], bias)
+        counts[i] = torch.bincount(picked.flatten(), minlength=w.shape[0]).cpu()
+    return counts
+
+
+def _usage_from_profile(path, layers: list[int]) -> dict[int, torch.Tensor]:
+    try:
+        report = json.loads(path.read_text())
+        per_layer = {int(r["layer"]): torch.tensor(r["tokens_per_expert"]) for r in report["layers"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MoekitError(f"{path}: not a `moekit profile --json` report with per-layer tokens_per_expert ({e})") from None
+    missing = [i for i in layers if i not in per_layer]
+    if missing:
+        raise MoekitError(f"{path}: the profile has no counts for MoE layer(s) {missing}")
+    return per_layer
+
+
+def _new_domain_states(ckpt: Checkpoint, opts: AddExpertsOptions, layers: list[int], device):
+    if not opts.calibration:
+        raise UsageError("--router-init kmeans clusters new-domain hidden states: give --calibration FILE")
+    return calibration_mlp_inputs(ckpt.path, layers, opts.calibration, opts.calibration_tokens, device)
+
+
+def _drift(ckpt: Checkpoint, output, opts: AddExpertsOptions, device) -> dict:
+    """verify's numbers for the grown model against its source, on old-domain (built-in) text."""
+    from moekit.hf import load_model, load_tokenizer
+    from moekit.surgery.router_init import builtin_calibration_text
+    from moekit.verify import compare_models, make_inputs, vocab_size
+
+    parent, child = (load_model(p, torch.float32, device)[0] for p in (ckpt.path, output))
+    try:
+        tokenizer = load_tokenizer(ckpt.path)
+    except MoekitError:
+        tokenizer = None  # no tokenizer: random ids
+    texts = builtin_calibration_text() if tokenizer is not None else None
+    batches = make_inputs(vocab_size(parent), opts.drift_tokens, 4, 256, opts.seed, tokenizer=tokenizer, texts=texts,
+                          what="the built-in sample")
+    r = compare_models(parent, child, batches)
+    return {"text": "built-in English sample" if tokenizer else "random ids", "tokens": r["tokens"],
+            "max_rel_error": r["max_rel_error"], "top1_agreement": r["top1_agreement"], "kl_per_token": r["kl_per_token"]}

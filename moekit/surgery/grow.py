@@ -1,0 +1,180 @@
+"""Add experts to an MoE model for a new data distribution (Lifelong-MoE, MoE-LPR).
+
+New experts are appended after the old ones (old expert ids never move), their router rows are
+appended, and everything that existed is listed as frozen in a freeze manifest that
+`moekit train` applies. Pure tensor logic, like the other surgeries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from moekit.architectures import SIGMOID_BIASED, Routing, read_field
+from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.errors import UsageError
+from moekit.pipeline import OutputTensor
+from moekit.surgery.layout import ExpertReader, moe_layer_indices, source_target
+from moekit.surgery.upcycle import perturb
+from moekit.targets import PROJS, Target
+
+INITS = ("copy", "mean", "random", "drop-upcycling")
+ROUTER_INITS = ("copy", "kmeans", "zero")
+
+
+@dataclass(frozen=True)
+class GrowPlan:
+    outputs: list[OutputTensor]
+    config: dict
+    layers: list[dict]
+    target: Target
+    freeze: dict  # the manifest `moekit train` applies
+    old_experts: int
+    experts: int
+    top_k: int
+
+
+def select_experts(routing: Routing, logits: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The experts a router picks per token (the ranking step of each routing family; DeepSeek's
+    group limit is left out, moekit's own glm4_moe outputs have a single group)."""
+    if routing is SIGMOID_BIASED:
+        scores = torch.sigmoid(logits.float())
+        return (scores + (bias if bias is not None else 0)).topk(k, dim=-1).indices
+    return logits.topk(k, dim=-1).indices  # softmax is monotonic: the same top-k as the logits
+
+
+def donors(how: str, usage: torch.Tensor | None, n: int, m: int) -> list[int]:
+    """Which old expert each of the m new experts is copied from."""
+    if how in ("most-used", "least-used"):
+        order = torch.argsort(usage, descending=how == "most-used", stable=True).tolist()
+        return [order[j % n] for j in range(m)]
+    try:
+        expert = int(how)
+    except ValueError:
+        raise UsageError(f"--copy-from takes most-used, least-used or an expert id, got {how!r}") from None
+    if not 0 <= expert < n:
+        raise UsageError(f"--copy-from {expert}: the model has experts 0-{n - 1}")
+    return [expert] * m
+
+
+def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from: str = "most-used",
+                     router_init: str = "copy", top_k: int | None = None, drop: float = 0.5, seed: int = 0,
+                     usage: Callable[[list[int]], dict[int, torch.Tensor]] | None = None,
+                     kmeans_rows: Callable[[list[int]], dict[int, torch.Tensor]] | None = None,
+                     dtype: torch.dtype | None = None) -> GrowPlan:
+    cfg = ckpt.config
+    target = source_target(ckpt)
+    n, k = read_field(cfg, target.experts_fields), cfg["num_experts_per_tok"]
+    if m < 1:
+        raise UsageError(f"--new-experts must be at least 1, got {m}")
+    if init not in INITS:
+        raise UsageError(f"unknown --init {init!r} (known: {', '.join(INITS)})")
+    if router_init not in ROUTER_INITS:
+        raise UsageError(f"unknown --router-init {router_init!r} (known: {', '.join(ROUTER_INITS)})")
+    new_k = k if top_k is None else top_k
+    if not 1 <= new_k <= n + m:
+        raise UsageError(f"--top-k must be between 1 and {n + m}, got {new_k}")
+    layers = moe_layer_indices(ckpt, target)
+    needs_usage = copy_from in ("most-used", "least-used") and init in ("copy", "drop-upcycling")
+    if needs_usage and usage is None:
+        raise UsageError(f"--copy-from {copy_from} needs routing counts: give --profile or --calibration")
+    counts = usage(layers) if needs_usage else {}
+    rows = kmeans_rows(layers) if router_init == "kmeans" else {}
+
+    reader = ExpertReader(ckpt, target, n)
+    out_dtype = dtype or ckpt.meta(target.router.format(i=layers[0])).dtype
+    hidden = cfg["hidden_size"]
+
+    def old(i: int, e: int, p: str) -> torch.Tensor:
+        return reader.expert(i, e)[PROJS.index(p)].to(out_dtype)
+
+    def new(i: int, j: int, p: str, donor: list[int]) -> torch.Tensor:
+        gen_seed = (seed * 1_000_003 + i) * 1009 + n + j
+        if init == "mean":
+            return torch.stack([reader.expert(i, e)[PROJS.index(p)].float() for e in range(n)]).mean(0).to(out_dtype)
+        if init == "random":  # the spread of the old experts' weights, no structure
+            ref = torch.stack([reader.expert(i, e)[PROJS.index(p)].float() for e in range(n)])
+            gen = torch.Generator().manual_seed(gen_seed * 7 + PROJS.index(p))
+            return (torch.randn(ref.shape[1:], generator=gen) * ref.std()).to(out_dtype)
+        w = old(i, donor[j], p)
+        return perturb(w, p, 0.0, drop, gen_seed).to(out_dtype) if init == "drop-upcycling" else w
+
+    def router(i: int, donor: list[int]) -> torch.Tensor:
+        w = reader.load(target.router.format(i=i)).float()
+        if router_init == "kmeans":
+            added = rows[i]
+        elif router_init == "zero":
+            added = torch.zeros(m, hidden)
+        elif init in ("copy", "drop-upcycling"):
+            added = w[donor]
+        else:  # a mean expert (or a random one) gets the mean of the old rows
+            added = w.mean(0, keepdim=True).expand(m, -1)
+        return torch.cat([w, added]).to(out_dtype)
+
+    owner = {name: i for i in layers for name in reader.names(i)}
+    outputs, records, done = [], [], set()
+    tensors: dict[str, object] = {}
+    for meta in ckpt.tensors.values():
+        i = owner.get(meta.name)
+        if i is None:
+            cast = dtype if dtype is not None and meta.dtype.is_floating_point else meta.dtype
+            outputs.append(OutputTensor(TensorMeta(meta.name, meta.shape, cast), lambda name=meta.name, c=cast: ckpt.load(name, c)))
+            tensors[meta.name] = "frozen"
+            continue
+        if i in done:
+            continue
+        done.add(i)
+        donor = donors(copy_from, counts.get(i), n, m) if init in ("copy", "drop-upcycling") else []
+        block = _grown_block(target, i, n, m, hidden, out_dtype, reader, old, new, router, donor)
+        outputs += block
+        for o in block:
+            tensors[o.meta.name] = _freeze_rule(target, o.meta.name, i, n)
+        records.append({"layer": i, "old_experts": n, "new_experts": m, "init": init, "router_init": router_init,
+                        "copied_from": donor or None})
+    config = dict(cfg)
+    config.update({f: n + m for f in target.experts_fields})
+    config["num_experts_per_tok"] = new_k
+    freeze = {"format": 1, "moe_layers": {str(i): {"old_experts": n, "new_experts": m} for i in layers}, "tensors": tensors}
+    return GrowPlan(outputs, config, records, target, freeze, n, n + m, new_k)
+
+
+def _freeze_rule(t: Target, name: str, i: int, n: int):
+    """Old experts and old router rows frozen, new ones trainable; the selection bias is a buffer."""
+    if name in (t.router.format(i=i), t.fused_gate_up and t.fused_gate_up.format(i=i),
+                t.fused_down and t.fused_down.format(i=i)):
+        return {"frozen_rows": [0, n]}
+    if t.expert and ".experts." in name:
+        return "trainable" if int(name.split(".experts.")[1].split(".")[0]) >= n else "frozen"
+    return "frozen"
+
+
+def _grown_block(t: Target, i, n, m, hidden, dtype, reader, old, new, router, donor) -> list[OutputTensor]:
+    name = t.router.format(i=i)
+    block = [OutputTensor(TensorMeta(name, (n + m, hidden), dtype), lambda: router(i, donor))]
+    if t.router_bias:  # new experts start with the bias of the expert they copy (or the mean bias)
+        bias = t.router_bias.format(i=i)
+
+        def grown_bias():
+            b = reader.load(bias).float()
+            return torch.cat([b, b[donor] if donor else b.mean().expand(m)])
+
+        block.append(OutputTensor(TensorMeta(bias, (n + m,), torch.float32), grown_bias))
+    width = reader.expert(i, 0)[0].shape[0]
+    shapes = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}
+    if t.expert:
+        for e in range(n + m):
+            for p in PROJS:
+                produce = (lambda e=e, p=p: old(i, e, p)) if e < n else (lambda e=e, p=p: new(i, e - n, p, donor))
+                block.append(OutputTensor(TensorMeta(t.expert.format(i=i, e=e, proj=t.proj[p]), shapes[p], dtype), produce))
+        return block
+
+    def expert(e: int, p: str) -> torch.Tensor:
+        return old(i, e, p) if e < n else new(i, e - n, p, donor)
+
+    block.append(OutputTensor(TensorMeta(t.fused_gate_up.format(i=i), (n + m, 2 * width, hidden), dtype),
+                              lambda: (torch.cat([expert(e, "gate"), expert(e, "up")])[None] for e in range(n + m))))
+    block.append(OutputTensor(TensorMeta(t.fused_down.format(i=i), (n + m, hidden, width), dtype),
+                              lambda: (expert(e, "down")[None] for e in range(n + m))))
+    return block
