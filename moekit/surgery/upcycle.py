@@ -194,8 +194,8 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
     std = parent.get("initializer_range", 0.02)
     for meta in ckpt.tensors.values():
         if meta.name not in ffn_names:
-            outputs.append(OutputTensor(replace(meta, dtype=out_dtype if meta.dtype.is_floating_point else meta.dtype),
-                                        lambda name=meta.name: ckpt.load(name, out_dtype)))
+            cast = out_dtype if meta.dtype.is_floating_point else meta.dtype
+            outputs.append(OutputTensor(replace(meta, dtype=cast), lambda name=meta.name, c=cast: ckpt.load(name, c)))
             continue
         i = int(re.search(r"layers\.(\d+)\.", meta.name).group(1))
         if meta.name != DENSE_FFN.format(i=i, proj="gate"):  # each layer's block is emitted once, at its gate
