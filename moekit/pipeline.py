@@ -27,6 +27,12 @@ class OutputTensor:
     produce: Callable[[], torch.Tensor]
 
 
+def passthrough(ckpt: Checkpoint, meta: TensorMeta, dtype: torch.dtype | None) -> OutputTensor:
+    """A source tensor copied as it is; floating-point ones cast to `dtype` when given."""
+    cast = dtype if dtype is not None and meta.dtype.is_floating_point else meta.dtype
+    return OutputTensor(TensorMeta(meta.name, meta.shape, cast), lambda: ckpt.load(meta.name, cast))
+
+
 @dataclass
 class WriteResult:
     path: Path

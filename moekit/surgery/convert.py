@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from moekit.checkpoint import Checkpoint
-from moekit.pipeline import OutputTensor
+from moekit.pipeline import OutputTensor, passthrough
 
 
 def plan_convert(ckpt: Checkpoint, dtype: torch.dtype | None) -> list[OutputTensor]:
-    outputs = []
-    for meta in ckpt.tensors.values():
-        cast = dtype if dtype is not None and meta.dtype.is_floating_point else meta.dtype
-        outputs.append(OutputTensor(replace(meta, dtype=cast), lambda n=meta.name, d=cast: ckpt.load(n, d)))
-    return outputs
+    return [passthrough(ckpt, meta, dtype) for meta in ckpt.tensors.values()]

@@ -15,7 +15,7 @@ import torch
 from moekit.architectures import SIGMOID_BIASED, Routing, read_field
 from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.errors import UsageError
-from moekit.pipeline import OutputTensor
+from moekit.pipeline import OutputTensor, passthrough
 from moekit.surgery.layout import ExpertReader, moe_layer_indices, source_target
 from moekit.surgery.upcycle import perturb
 from moekit.targets import PROJS, Target
@@ -119,8 +119,7 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
     for meta in ckpt.tensors.values():
         i = owner.get(meta.name)
         if i is None:
-            cast = dtype if dtype is not None and meta.dtype.is_floating_point else meta.dtype
-            outputs.append(OutputTensor(TensorMeta(meta.name, meta.shape, cast), lambda name=meta.name, c=cast: ckpt.load(name, c)))
+            outputs.append(passthrough(ckpt, meta, dtype))
             tensors[meta.name] = "frozen"
             continue
         if i in done:

@@ -17,7 +17,7 @@ import torch
 from moekit.architectures import child_weight_factor, read_field
 from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.errors import UsageError
-from moekit.pipeline import OutputTensor
+from moekit.pipeline import OutputTensor, passthrough
 from moekit.surgery import partition
 from moekit.surgery.layout import ExpertReader, moe_layer_indices, source_target
 from moekit.targets import PROJS, Target
@@ -95,9 +95,7 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
     for meta in ckpt.tensors.values():
         i = owner.get(meta.name)
         if i is None:
-            cast = dtype if dtype is not None and meta.dtype.is_floating_point else meta.dtype
-            outputs.append(OutputTensor(TensorMeta(meta.name, meta.shape, cast),
-                                        lambda name=meta.name, c=cast: ckpt.load(name, c)))
+            outputs.append(passthrough(ckpt, meta, dtype))
             continue
         if i in done:
             continue

@@ -7,7 +7,7 @@ new config; it never touches files or the CLI.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
@@ -16,7 +16,7 @@ import torch
 from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.errors import MoekitError, UsageError
 from moekit.inspect import describe
-from moekit.pipeline import OutputTensor
+from moekit.pipeline import OutputTensor, passthrough
 from moekit.targets import DEFAULT_TARGET, DENSE_FFN, PROJS, TARGETS, WHY_NOT, Target
 
 
@@ -194,8 +194,7 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
     std = parent.get("initializer_range", 0.02)
     for meta in ckpt.tensors.values():
         if meta.name not in ffn_names:
-            cast = out_dtype if meta.dtype.is_floating_point else meta.dtype
-            outputs.append(OutputTensor(replace(meta, dtype=cast), lambda name=meta.name, c=cast: ckpt.load(name, c)))
+            outputs.append(passthrough(ckpt, meta, out_dtype))
             continue
         i = int(re.search(r"layers\.(\d+)\.", meta.name).group(1))
         if meta.name != DENSE_FFN.format(i=i, proj="gate"):  # each layer's block is emitted once, at its gate
