@@ -1,0 +1,679 @@
+"""Training an MoE with part of it frozen, on the transformers `Trainer` (accelerate underneath).
+
+The pieces `moekit train` assembles, usable one by one with your own Trainer or loop:
+
+- `read_manifest` / `apply_freeze`: the freeze manifest `moekit add-experts` writes (on-disk,
+  per-expert tensor names) applied to the model as loaded: `requires_grad=False` for whole frozen
+  tensors; for frozen *slices* of a trainable tensor (old experts inside transformers 5.x's fused
+  `experts.gate_up_proj`/`down_proj`, old rows of a router) a gradient mask plus a restore after
+  every optimiser step (`FrozenSlices.restore`, run by `FreezeCallback`), so that no optimiser
+  update and no decoupled weight decay ever moves them: they stay bit-identical.
+- `kd_loss`: KL(old model ‖ new model) per token, Lifelong-MoE's output regularisation.
+- `switch_aux_loss`: the Switch/GShard balance loss, computed per layer from router logits.
+- `RoutingCounter`, `RoutingStatsCallback` (MaxVio_batch per step) and
+  `LossFreeBalanceCallback` (DeepSeek's loss-free balancing of `e_score_correction_bias`).
+- `LifelongTrainer`: a `Trainer` whose loss is LM + λ·KD + α·aux.
+- `train_model`: all of it, from a model folder and token rows to an output folder.
+
+Nothing here prints; the command (`moekit.commands.train`) reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from moekit.architectures import MOE_CONFIG, SIGMOID_BIASED, read_field
+from moekit.errors import MoekitError, UsageError
+
+FROZEN, TRAINABLE = "frozen", "trainable"
+
+# --------------------------------------------------------------------------- freeze manifest
+
+
+def read_manifest(source: str | Path) -> dict:
+    """The freeze manifest of a model folder (its moekit.json's "freeze"), or from a JSON file that
+    is either a moekit.json or the bare manifest. Checked for form, not yet against a model."""
+    path = Path(source).expanduser()
+    file = path / "moekit.json" if path.is_dir() else path
+    if not file.is_file():
+        raise MoekitError(f"{file}: no such file, so no freeze manifest; `moekit add-experts` writes one "
+                          "(--freeze none trains every parameter)")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoekitError(f"{file}: not valid JSON ({e})") from None
+    manifest = data.get("freeze", data) if isinstance(data, dict) else None
+    if not isinstance(manifest, dict) or "tensors" not in manifest:
+        raise MoekitError(f"{file}: no freeze manifest in it (made by a command other than add-experts?); "
+                          "--freeze none trains every parameter")
+    if manifest.get("format") != 1:
+        raise MoekitError(f"{file}: freeze manifest format {manifest.get('format')!r}; this moekit reads format 1")
+    for name, rule in manifest["tensors"].items():
+        if rule not in (FROZEN, TRAINABLE) and not _is_row_rule(rule):
+            raise MoekitError(f'{file}: {name}: expected "frozen", "trainable" or {{"frozen_rows": [start, stop]}}, got {rule!r}')
+    return manifest
+
+
+def _is_row_rule(rule) -> bool:
+    rows = rule.get("frozen_rows") if isinstance(rule, dict) else None
+    return isinstance(rows, list) and len(rows) == 2 and all(isinstance(r, int) for r in rows)
+
+
+def check_manifest_config(manifest: dict, config: dict) -> None:
+    """The manifest's expert counts agree with the config: old + new experts = the config's count
+    in every MoE layer listed, and each router's frozen rows are exactly its layer's old experts."""
+    fields = MOE_CONFIG.get(config.get("model_type"))
+    experts = read_field(config, fields.experts) if fields else None
+    layers = manifest.get("moe_layers", {})
+    for layer, c in layers.items():
+        total = c.get("old_experts", 0) + c.get("new_experts", 0)
+        if experts is not None and total != experts:
+            raise MoekitError(f"freeze manifest says layer {layer} has {c.get('old_experts')} old + "
+                              f"{c.get('new_experts')} new experts, the config says {experts}")
+    for name, rule in manifest["tensors"].items():
+        m = re.search(r"layers\.(\d+)\.", name)
+        if _is_row_rule(rule) and m and m.group(1) in layers:
+            old = layers[m.group(1)]["old_experts"]
+            if rule["frozen_rows"] != [0, old]:
+                raise MoekitError(f"freeze manifest freezes rows {rule['frozen_rows']} of {name}, "
+                                  f"but layer {m.group(1)} has {old} old experts")
+
+
+def _disk_names(model, probes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`probes` (runtime name -> tensor) renamed and split the way `save_pretrained` writes them
+    to disk. transformers 5.x fuses per-expert tensors on load (`experts.*.w1` + `w3` ->
+    `experts.gate_up_proj`, `block_sparse_moe` -> `mlp`) and its own `revert_weight_conversion`
+    undoes that on save: reusing it maps names exactly as the loader does, for every family it
+    knows. transformers 4.x keeps the disk names at run time."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x
+        return probes
+    return revert_weight_conversion(model, probes)
+
+
+def _named_tensors(model) -> dict[str, torch.Tensor]:
+    """Parameters (each tied parameter once, as on disk) and the buffers saved with the model."""
+    saved = set(model.state_dict())
+    tensors = dict(model.named_parameters())
+    tensors.update((n, b) for n, b in model.named_buffers() if n in saved)
+    return tensors
+
+
+def manifest_masks(model, manifest: dict) -> dict[str, torch.Tensor]:
+    """Runtime name -> boolean "trainable" mask over the tensor's rows (every dim but the last;
+    elements for 1-D tensors), from a manifest written in on-disk names.
+
+    Each runtime row gets a unique id; the ids go through `_disk_names` like the weights would,
+    so every on-disk tensor comes back holding the ids of the runtime rows it is made of. Only
+    rows are tracked (the last dim collapsed to 1), so this costs one integer per row, not per weight.
+    """
+    tensors = _named_tensors(model)
+    probes, spans, start = {}, {}, 0
+    for name, t in tensors.items():
+        shape = (*t.shape[:-1], 1) if t.dim() > 1 else tuple(t.shape)
+        n = math.prod(shape)
+        probes[name], spans[name] = torch.arange(start, start + n).view(shape), (start, n)
+        start += n
+    disk = _disk_names(model, probes)
+    rules = manifest["tensors"]
+    unknown = sorted(set(rules) - set(disk))
+    unlisted = sorted(set(disk) - set(rules))
+    if unknown:
+        raise MoekitError(f"freeze manifest does not match the model: it lists {len(unknown)} tensor(s) the model "
+                          f"does not have, e.g. {unknown[0]}")
+    if unlisted:
+        raise MoekitError(f"freeze manifest does not match the model: the model has {len(unlisted)} tensor(s) the "
+                          f"manifest does not list, e.g. {unlisted[0]}")
+    decided = torch.full((start,), -1, dtype=torch.int8)
+    for name, ids in disk.items():
+        rows = ids.reshape(ids.shape[0], -1) if ids.dim() > 1 else ids.reshape(-1, 1)
+        rule = rules[name]
+        if _is_row_rule(rule):
+            a, b = rule["frozen_rows"]
+            if not 0 <= a <= b <= rows.shape[0]:
+                raise MoekitError(f"freeze manifest freezes rows [{a}, {b}) of {name}, which has {rows.shape[0]} rows")
+            decided[rows.flatten()] = 1
+            decided[rows[a:b].flatten()] = 0
+        else:
+            decided[rows.flatten()] = int(rule == TRAINABLE)
+    if (decided < 0).any():  # a converter that drops rows: we cannot tell what the manifest means
+        raise MoekitError("freeze manifest does not match the model: some weights map to no on-disk tensor")
+    masks = {}
+    for name, t in tensors.items():
+        s, n = spans[name]
+        masks[name] = decided[s : s + n].bool().view(t.shape[:-1] if t.dim() > 1 else t.shape)
+    return masks
+
+
+@dataclass
+class FrozenSlices:
+    """Frozen rows inside trainable tensors, and their values when freezing began."""
+
+    slices: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]]  # (param, frozen rows, saved values)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the frozen rows back. Call after every optimiser step: their gradient is zero, but
+        AdamW's decoupled weight decay (and other optimisers' updates) would still move them."""
+        for param, frozen, saved in self.slices:
+            param[frozen.to(param.device)] = saved.to(param.device)
+
+
+@dataclass
+class FreezeReport:
+    frozen: FrozenSlices
+    trainable_params: int  # weights that can change
+    frozen_params: int  # weights that cannot (frozen tensors and frozen slices)
+    masked_tensors: list[str]  # tensors with both: gradient-masked
+
+
+def apply_freeze(model, manifest: dict | None) -> FreezeReport:
+    """Apply a freeze manifest (None: train everything) to `model`, in place.
+
+    Whole frozen tensors get `requires_grad=False`; tensors with frozen rows keep it, get a
+    gradient hook that zeroes those rows (so clipping and optimiser state see zeros) and a saved
+    copy of them for `FrozenSlices.restore`. Buffers are never trained; the manifest must call
+    them frozen (the loss-free bias update changes `e_score_correction_bias` outside autograd).
+    Call it on the model on its final device, before the optimiser is made.
+    """
+    params = dict(model.named_parameters())
+    if manifest is None:
+        for p in params.values():
+            p.requires_grad_(True)
+        return FreezeReport(FrozenSlices([]), sum(p.numel() for p in params.values()), 0, [])
+    masks = manifest_masks(model, manifest)
+    slices, masked, trainable, frozen = [], [], 0, 0
+    for name, mask in masks.items():
+        if name not in params:
+            if mask.any():
+                raise MoekitError(f"freeze manifest marks {name} trainable, but it is a buffer, which gradients never change")
+            continue
+        p = params[name]
+        row = p.shape[-1] if p.dim() > 1 else 1  # weights per entry of the mask
+        trainable += int(mask.sum()) * row
+        frozen += int((~mask).sum()) * row
+        p.requires_grad_(bool(mask.any()))
+        if mask.any() and not mask.all():
+            keep = mask.to(p.device)
+            keep = keep.unsqueeze(-1) if p.dim() > 1 else keep
+            p.register_hook(lambda g, keep=keep: g * keep.to(g.dtype))
+            slices.append((p, ~mask.to(p.device), p.detach()[~mask.to(p.device)].clone()))
+            masked.append(name)
+    return FreezeReport(FrozenSlices(slices), trainable, frozen, masked)
+
+
+class FreezeCallback(TrainerCallback):
+    """Restores frozen slices after every optimiser step (see `FrozenSlices.restore`)."""
+
+    def __init__(self, frozen: FrozenSlices):
+        self.frozen = frozen
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.frozen.restore()
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher ‖ student) per token, in fp32, averaged over the tokens of the selected `rows`
+    (a boolean over the batch; all rows by default). The teacher's logits carry no gradient."""
+    if rows is not None:
+        student_logits, teacher_logits = student_logits[rows], teacher_logits[rows]
+    if student_logits.numel() == 0:
+        return student_logits.sum() * 0.0  # no row to distil on: a zero that keeps the graph
+    t = teacher_logits.detach().float().log_softmax(-1)
+    s = student_logits.float().log_softmax(-1)
+    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
+
+
+def switch_aux_loss(router_logits: Sequence[torch.Tensor], top_k: int, sigmoid: bool = False) -> torch.Tensor:
+    """The Switch/GShard balance loss `N · Σ_i f_i · P_i` of each layer, averaged over layers
+    (transformers pools all layers into one: a layer's imbalance then hides behind the others).
+    `f_i` is the share of the top-k slots expert i gets, `P_i` its mean routing probability:
+    softmax of the logits, or for sigmoid routers (DeepSeek-V3, GLM-4.5) the scores normalised
+    to sum to 1 per token. Minimised (= 1) by a uniform load."""
+    losses = []
+    for logits in router_logits:
+        logits = logits.float().reshape(-1, logits.shape[-1])
+        n = logits.shape[-1]
+        probs = logits.sigmoid() if sigmoid else logits.softmax(-1)
+        if sigmoid:
+            probs = probs / probs.sum(-1, keepdim=True)
+        chosen = probs.topk(top_k, dim=-1).indices
+        f = torch.bincount(chosen.flatten(), minlength=n).float() / chosen.numel()
+        losses.append(n * (f * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+def router_logits(outputs) -> tuple[torch.Tensor, ...]:
+    """The per-layer router logits of a forward pass made with `output_router_logits=True`."""
+    logits = getattr(outputs, "router_logits", None)
+    if not logits:  # e.g. Glm4Moe in transformers 4.57 has no such output
+        raise UsageError("this model's transformers class returns no router logits (output_router_logits), "
+                         "so the Switch aux loss cannot be computed for it")
+    return logits
+
+
+# --------------------------------------------------------------------------- routing counts and balance
+
+
+def router_of(block) -> torch.nn.Module:
+    """The router of an MoE block: `gate` in most families, `router` in GraniteMoe."""
+    return getattr(block, "gate", None) or block.router
+
+
+def moe_blocks(model) -> dict[str, torch.nn.Module]:
+    """Module name -> MoE block: a module with a router (`gate` / `router`) and experts (`experts`,
+    or GraniteMoe 4.x's fused `input_linear`), in every family and both transformers lines."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(getattr(m, "gate", None) or getattr(m, "router", None), torch.nn.Module)
+            and (hasattr(m, "experts") or hasattr(m, "input_linear"))}
+
+
+class RoutingCounter:
+    """Counts the tokens each expert of every MoE block receives, from the router's actual choices:
+    transformers 5.x calls the fused experts as `experts(hidden, top_k_index, top_k_weights)`, so
+    the indices are read there; 4.x calls each expert module on its own tokens, which are counted
+    (GraniteMoe 4.x: its router returns the per-expert token counts)."""
+
+    def __init__(self, model):
+        self.blocks = moe_blocks(model)
+        if not self.blocks:
+            raise MoekitError(f"{type(model).__name__}: no MoE blocks (modules with a router and experts)")
+        self.counts: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name, block in self.blocks.items():
+            experts = getattr(block, "experts", None)
+            if isinstance(experts, torch.nn.ModuleList):
+                for e, expert in enumerate(experts):
+                    self.handles.append(expert.register_forward_pre_hook(partial(self._rows, name, e, len(experts))))
+            elif experts is not None:
+                n = getattr(experts, "num_experts", None) or experts.gate_up_proj.shape[0]
+                self.handles.append(experts.register_forward_pre_hook(partial(self._indices, name, n), with_kwargs=True))
+            else:  # GraniteMoe 4.x: (sorted experts, batch index, gates, expert_size, logits)
+                self.handles.append(block.router.register_forward_hook(partial(self._sizes, name)))
+
+    def _add(self, name: str, n: int, device, counts: torch.Tensor) -> None:
+        if name not in self.counts:
+            self.counts[name] = torch.zeros(n, dtype=torch.float64, device=device)
+        self.counts[name] += counts.to(self.counts[name].device, torch.float64)
+
+    def _rows(self, name, e, n, module, args):
+        x = args[0]
+        one = torch.zeros(n, device=x.device)
+        one[e] = x.reshape(-1, x.shape[-1]).shape[0]
+        self._add(name, n, x.device, one)
+
+    def _indices(self, name, n, module, args, kwargs):
+        index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        # 5.x may mark a slot "no expert" with index n (expert parallelism): not a load
+        self._add(name, n, index.device, torch.bincount(index.flatten(), minlength=n + 1)[:n])
+
+    def _sizes(self, name, module, args, output):
+        sizes = torch.tensor(output[3], dtype=torch.float64)
+        self._add(name, len(sizes), output[4].device, sizes)
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+    def totals(self) -> dict[str, torch.Tensor]:
+        """Counts since the last reset, summed over all processes when training is distributed."""
+        out = {k: v.clone() for k, v in self.counts.items()}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for v in out.values():
+                torch.distributed.all_reduce(v)
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def max_violation(counts: torch.Tensor) -> float:
+    """MaxVio = (max_i c_i − c̄) / c̄, c̄ the mean load (= K·T/N)."""
+    mean = counts.mean()
+    return float((counts.max() - mean) / mean) if mean > 0 else float("nan")
+
+
+class RoutingStatsCallback(TrainerCallback):
+    """MaxVio_batch of every optimiser step, averaged over MoE layers: `history` holds one entry per
+    step; `log_metrics()` gives the mean since it was last called (LifelongTrainer logs it)."""
+
+    def __init__(self, counter: RoutingCounter):
+        self.counter = counter
+        self.history: list[dict] = []
+        self._since_log: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.counter.reset()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        per_layer = {k: max_violation(v) for k, v in self.counter.totals().items()}
+        if per_layer:
+            mean = sum(per_layer.values()) / len(per_layer)
+            self.history.append({"step": state.global_step, "maxvio_batch": mean, "per_layer": per_layer})
+            self._since_log.append(mean)
+
+    def log_metrics(self) -> dict:
+        values, self._since_log = self._since_log, []
+        return {"maxvio_batch": sum(values) / len(values)} if values else {}
+
+
+class LossFreeBalanceCallback(TrainerCallback):
+    """DeepSeek's auxiliary-loss-free balancing (arXiv 2408.15664): after each optimiser step,
+    `b_i += u · sign(c̄ − c_i)` on every router's `e_score_correction_bias`, with `c_i` the tokens
+    expert i received in that step. The bias only shifts which experts are selected, never their
+    weights; it is a buffer (no gradient) and is kept in fp32 here whatever the model's dtype."""
+
+    def __init__(self, counter: RoutingCounter, rate: float = 1e-3):
+        self.counter, self.rate = counter, rate
+        self.biases = {n: router_of(b).e_score_correction_bias for n, b in counter.blocks.items()
+                       if isinstance(getattr(router_of(b), "e_score_correction_bias", None), torch.Tensor)}
+        self.master = {n: b.detach().float().clone() for n, b in self.biases.items()}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.counter.reset()
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, **kwargs):
+        counts = self.counter.totals()
+        for name, bias in self.biases.items():
+            if name in counts:
+                c = counts[name].to(bias.device)
+                master = self.master[name] = self.master[name].to(bias.device)
+                master += self.rate * torch.sign(c.mean() - c).float()
+                bias.copy_(master)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Packed rows are all seq_len long: stack them; `replay` marks rows from the old domain."""
+    return {"input_ids": torch.tensor([r["input_ids"] for r in rows]),
+            "replay": torch.tensor([bool(r.get("replay", 0)) for r in rows])}
+
+
+class LifelongTrainer(Trainer):
+    """A `Trainer` whose loss is `LM + kd_weight · KL(teacher ‖ model) + aux_loss_coef · Switch`.
+
+    KD runs on the replay rows of each batch when the data has replay rows (`kd_on_replay`),
+    else on every row; the teacher (the model before training) runs without gradients. Batches
+    come from `collate`. Each term is a per-batch mean, logged as lm_loss / kd_loss / aux_loss,
+    with any callback's `log_metrics()` (MaxVio_batch) beside them.
+    """
+
+    def __init__(self, *args, teacher=None, kd_weight: float = 0.0, kd_on_replay: bool = False,
+                 aux_loss_coef: float = 0.0, top_k: int = 1, sigmoid_router: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.kd_weight, self.kd_on_replay = teacher, kd_weight, kd_on_replay
+        self.aux_loss_coef, self.top_k, self.sigmoid_router = aux_loss_coef, top_k, sigmoid_router
+        # Our loss is a per-batch mean, not normalised by the token count of the whole accumulated
+        # batch: tell Trainer, which then divides by the gradient-accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+        self._terms: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids = inputs["input_ids"]
+        kw = {"output_router_logits": True} if self.aux_loss_coef else {}
+        out = model(input_ids=ids, use_cache=False, **kw)
+        lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss, terms = lm, {"lm_loss": lm}
+        if self.kd_weight:
+            rows = inputs["replay"] if self.kd_on_replay else torch.ones_like(inputs["replay"])
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=ids[rows], use_cache=False).logits
+            terms["kd_loss"] = kd_loss(out.logits[rows], teacher_logits)
+            loss = loss + self.kd_weight * terms["kd_loss"]
+        if self.aux_loss_coef:
+            terms["aux_loss"] = switch_aux_loss(router_logits(out), self.top_k, self.sigmoid_router)
+            loss = loss + self.aux_loss_coef * terms["aux_loss"]
+        for k, v in terms.items():
+            self._terms[k].append(float(v.detach()))
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:  # a training log (not the final summary): add the terms and routing stats
+            logs.update({k: sum(v) / len(v) for k, v in self._terms.items() if v})
+            self._terms.clear()
+            for cb in self.callback_handler.callbacks:
+                if hasattr(cb, "log_metrics"):
+                    logs.update(cb.log_metrics())
+        super().log(logs, *args, **kwargs)
+
+
+class _LogTo(TrainerCallback):
+    def __init__(self, fn: Callable[[dict], None]):
+        self.fn = fn
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            self.fn({"step": state.global_step, "max_steps": state.max_steps, **logs})
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_text_rows(path: str | Path, tokenizer, seq_len: int) -> list[list[int]]:
+    """Token rows of exactly `seq_len` ids from a .txt (paragraphs), .jsonl/.json or .parquet file
+    (its "text" column), read with `datasets`; documents are joined with the EOS token between them
+    and cut into rows, so no padding is needed and no token is wasted but the last partial row."""
+    import datasets
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MoekitError(f"{path}: no such data file")
+    builder, kw = {".jsonl": ("json", {}), ".json": ("json", {}), ".parquet": ("parquet", {})}.get(
+        path.suffix, ("text", {"sample_by": "paragraph"}))
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kw)
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise MoekitError(f"{path}: cannot read it as {builder} data: {' '.join(str(e).split())[:300]}") from None
+    if "text" not in ds.column_names:
+        raise MoekitError(f"{path}: no \"text\" column (it has {', '.join(ds.column_names) or 'none'})")
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+
+    def pack(batch):
+        stream = [t for text in batch["text"] if text and text.strip()
+                  for t in [*tokenizer(text, add_special_tokens=False)["input_ids"], *([sep] if sep is not None else [])]]
+        return {"input_ids": [stream[s : s + seq_len] for s in range(0, len(stream) - seq_len + 1, seq_len)]}
+
+    rows = ds.map(pack, batched=True, batch_size=10_000, remove_columns=ds.column_names, keep_in_memory=True)["input_ids"]
+    if not rows:
+        raise MoekitError(f"{path}: fewer than --seq-len {seq_len} tokens of text in it")
+    return rows
+
+
+def mix_rows(new: list[list[int]], replay: list[list[int]] | None, replay_ratio: float, seed: int = 0) -> list[dict]:
+    """Training examples: every new row, plus replay rows (cycled if too few) making up
+    `replay_ratio` of the whole; Trainer's sampler shuffles them."""
+    examples = [{"input_ids": r, "replay": 0} for r in new]
+    if replay and replay_ratio > 0:
+        want = round(len(new) * replay_ratio / (1 - replay_ratio))
+        order = list(range(len(replay)))
+        random.Random(seed).shuffle(order)
+        examples += [{"input_ids": replay[order[i % len(order)]], "replay": 1} for i in range(max(want, 1))]
+    return examples
+
+
+@torch.no_grad()
+def mean_token_loss(model, rows: list[list[int]], batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy of `model` over token rows (no dropout, no gradients)."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(rows), batch_size):
+        ids = torch.tensor(rows[s : s + batch_size], device=device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+@dataclass
+class TrainOptions:
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 512
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    kd_weight: float = 0.0
+    aux_loss_coef: float = 0.0
+    bias_update_rate: float = 1e-3
+    replay_ratio: float = 0.25
+    seed: int = 0
+    log_every: int = 10
+    device: str = "auto"  # auto: what accelerate picks (every GPU under `accelerate launch`); cpu
+
+
+def train_model(source: str | Path, output: str | Path, new: list[list[int]], replay: list[list[int]] | None,
+                manifest: dict | None, opts: TrainOptions, *, overwrite: bool = False,
+                on_log: Callable[[dict], None] | None = None, record: dict | None = None) -> dict:
+    """Train the model folder `source` on token rows and write it to `output`.
+
+    Weights train in fp32 (bf16 autocast on GPUs that have it) and are written back in the
+    source's own tensor names, shapes and dtypes (per-expert Hub format, loadable by transformers
+    4.57 and 5.x), with the source's config.json and side files unchanged. Returns a summary.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from moekit.checkpoint import open_checkpoint
+    from moekit.checkpoint.writer import check_target
+    from moekit.hf import load_model
+
+    start = time.perf_counter()
+    ckpt = open_checkpoint(source)
+    if not ckpt.path.is_dir():
+        raise MoekitError(f"{ckpt.path}: train needs a safetensors model folder (`moekit convert` makes one)")
+    output = Path(output).expanduser()
+    check_target(output, [ckpt.path], overwrite)
+    if manifest is not None:
+        check_manifest_config(manifest, ckpt.config)
+    hf_logging.set_verbosity_error()
+
+    work = tempfile.TemporaryDirectory(prefix="moekit-train-")  # Trainer wants a folder; it saves nothing there
+    cuda = opts.device != "cpu" and torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=work.name, max_steps=opts.steps, learning_rate=opts.lr, weight_decay=opts.weight_decay,
+        per_device_train_batch_size=opts.batch_size, gradient_accumulation_steps=opts.grad_accum,
+        warmup_steps=opts.warmup_steps, lr_scheduler_type="constant_with_warmup" if opts.warmup_steps else "constant",
+        logging_steps=opts.log_every, save_strategy="no", report_to="none", remove_unused_columns=False,
+        bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, seed=opts.seed, data_seed=opts.seed,
+        disable_tqdm=True, dataloader_drop_last=True)
+
+    model, warnings = load_model(ckpt.path, torch.float32, args.device)
+    if warnings:
+        raise MoekitError(warnings[0])
+    freeze = apply_freeze(model, manifest)
+    teacher = None
+    if opts.kd_weight:
+        teacher, _ = load_model(ckpt.path, _weights_dtype(ckpt), args.device)
+        teacher.requires_grad_(False)
+    if opts.aux_loss_coef:  # a model without router logits fails now, not at the first step
+        with torch.no_grad():
+            router_logits(model(input_ids=torch.tensor([new[0][:2]], device=args.device), output_router_logits=True))
+    counter = RoutingCounter(model)
+    stats = RoutingStatsCallback(counter)
+    callbacks = [FreezeCallback(freeze.frozen), stats]
+    balance = LossFreeBalanceCallback(counter, opts.bias_update_rate) if opts.bias_update_rate else None
+    if balance and balance.biases:
+        callbacks.append(balance)
+    if on_log:
+        callbacks.append(_LogTo(on_log))
+
+    examples = mix_rows(new, replay, opts.replay_ratio, opts.seed)
+    if len(examples) < opts.batch_size:
+        raise MoekitError(f"only {len(examples)} row(s) of {opts.seq_len} tokens of data, fewer than --batch-size {opts.batch_size}")
+    config = model.config
+    fields = MOE_CONFIG.get(config.model_type)
+    trainer = LifelongTrainer(
+        model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=callbacks,
+        teacher=teacher, kd_weight=opts.kd_weight, kd_on_replay=bool(replay), aux_loss_coef=opts.aux_loss_coef,
+        top_k=getattr(config, "num_experts_per_tok", 1), sigmoid_router=bool(fields and fields.routing is SIGMOID_BIASED))
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):  # reporting is the caller's (on_log)
+        trainer.remove_callback(cb)
+    result = trainer.train()
+    counter.remove()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "steps": trainer.state.global_step, "tokens": trainer.state.global_step * opts.batch_size * opts.grad_accum
+        * opts.seq_len * args.world_size, "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
+        "trainable params": freeze.trainable_params, "frozen params": freeze.frozen_params,
+        "gradient-masked tensors": len(freeze.masked_tensors), "first loss": logs[0]["loss"] if logs else None,
+        "last loss": logs[-1]["loss"] if logs else None,
+        "maxvio_batch last": stats.history[-1]["maxvio_batch"] if stats.history else None,
+        "devices": f"{args.world_size} x {args.device.type}"}
+    if trainer.is_world_process_zero():
+        written = save_trained(model, ckpt, output, overwrite=overwrite, opts=opts, manifest=manifest,
+                               summary=summary, log_history=trainer.state.log_history, record=record or {})
+        summary.update(output=str(written), seconds=round(time.perf_counter() - start, 1))
+    trainer.accelerator.wait_for_everyone()
+    work.cleanup()
+    return summary
+
+
+def _weights_dtype(ckpt) -> torch.dtype:
+    """The floating dtype most of the checkpoint's bytes are in (the teacher runs in it)."""
+    sizes: dict[torch.dtype, int] = defaultdict(int)
+    for m in ckpt.tensors.values():
+        if m.dtype.is_floating_point:
+            sizes[m.dtype] += m.nbytes
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+def save_trained(model, ckpt, output: Path, *, overwrite: bool, opts: TrainOptions, manifest: dict | None,
+                 summary: dict, log_history: list[dict], record: dict) -> Path:
+    """Write `model` under the source checkpoint's own tensor names, shapes and dtypes (mapped back
+    from the runtime layout by transformers' own reverse conversion), with its config.json (same
+    content: training changes no config) and side files, plus moekit.json and a model card."""
+    from moekit.pipeline import OutputTensor, write_model
+
+    with torch.no_grad():
+        state = _disk_names(model, {k: v.detach() for k, v in model.state_dict().items()})
+    missing = [m.name for m in ckpt.tensors.values() if m.name not in state]
+    if missing:
+        raise MoekitError(f"the trained model has no tensor {missing[0]} (and {len(missing) - 1} more) of the source")
+
+    def produce(meta):
+        t = state[meta.name]
+        if tuple(t.shape) != meta.shape:
+            raise MoekitError(f"{meta.name}: trained shape {tuple(t.shape)}, source shape {meta.shape}")
+        return t.to("cpu", meta.dtype)
+
+    outputs = [OutputTensor(m, partial(produce, m)) for m in ckpt.tensors.values()]
+    options = {**asdict(opts), "freeze": "manifest" if manifest else "none", **record}
+    layers = [{"moe_layers": manifest.get("moe_layers", {})}] if manifest else []
+    result = write_model(
+        output, ckpt, outputs, config=ckpt.config, operation="train", options=options, layers=layers,
+        summary=summary, extra={"training_log": log_history},
+        title=f"{ckpt.config.get('model_type', 'model')} trained by moekit",
+        what=(f"`{ckpt.path.name}` trained for {summary['steps']} steps "
+              + ("with its freeze manifest applied (old experts, old router rows and the rest frozen)." if manifest
+                 else "with every parameter trainable.")),
+        max_shard_size=5 * 1000**3, overwrite=overwrite)
+    return result.path
