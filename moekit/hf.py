@@ -50,9 +50,10 @@ def _from_pretrained(cls, source: str | Path, what: str, **kw):
         raise MoekitError(f"{path}: transformers cannot load its {what}: {reason[:300]}") from None
 
 
-def load_model(source: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "auto") -> tuple[torch.nn.Module, list[str]]:
-    """The model in eval mode on `device`, and warnings about weights the checkpoint lacked
+def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "auto",
+               device_map: str | None = None) -> tuple[torch.nn.Module, list[str]]:
+    """The model in eval mode on `device` (or spread by accelerate's `device_map`, e.g. "auto"
+    for a model larger than one GPU), and warnings about weights the checkpoint lacked
     (transformers initialises those randomly, so the comparison would measure noise)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -60,7 +61,9 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32,
     device = resolve_device(device)
     hf_logging.set_verbosity_error()  # moekit reports what matters itself, one line each
     hf_logging.disable_progress_bar()
-    model, info = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype, output_loading_info=True)
+    placement = {"device_map": device_map} if device_map else {}
+    model, info = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype, output_loading_info=True,
+                                   **placement)
     warnings = []
     for kind, consequence in (("missing_keys", "missing from the checkpoint, randomly initialised"),
                               ("unexpected_keys", "in the checkpoint but not used by the model")):
@@ -68,7 +71,7 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32,
         if keys:
             warnings.append(f"{source}: {len(keys)} weight(s) {consequence}: {', '.join(keys[:3])}"
                             + (", ..." if len(keys) > 3 else ""))
-    return model.to(device).eval(), warnings
+    return (model if device_map else model.to(device)).eval(), warnings
 
 
 def load_tokenizer(source: str | Path):

@@ -16,6 +16,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from itertools import combinations
 from typing import Callable
 
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 
 from moekit.architectures import MOE_CONFIG, SIGMOID_BIASED, SOFTMAX_RENORM, SOFTMAX_TOPK, TOPK_SOFTMAX, Routing, read_field
 from moekit.errors import MoekitError
-from moekit.surgery.router_init import encode, pack_token_ids
+from moekit.surgery.grow import select_experts
+from moekit.surgery.router_init import builtin_calibration_text, encode, pack_token_ids, read_text_file
 
 CAPACITY_FACTORS = (1.0, 1.25, 1.5, 2.0)
 NOTHING_TO_PROFILE = "nothing to profile: no MoE layers; upcycle it first"
@@ -125,13 +127,12 @@ def _router_output(router, args, output) -> tuple[torch.Tensor, torch.Tensor | N
 
 
 def _select(logits: torch.Tensor, top_k: int, routing: Routing) -> torch.Tensor:
-    """The experts the block picks from these logits, where the router does not say (4.57)."""
-    if routing is TOPK_SOFTMAX:
-        return logits.topk(top_k, dim=-1).indices
-    if routing in (SOFTMAX_RENORM, SOFTMAX_TOPK):
-        return logits.softmax(-1).topk(top_k, dim=-1).indices
-    raise MoekitError(f"cannot tell which experts this router chose ({routing.formula}); "
-                      "use transformers 5.x, whose routers return their choice")
+    """The experts the block picks from these logits, where the router does not say (4.57's
+    bare nn.Linear gates: softmax and top-k happen in the block)."""
+    if routing not in (SOFTMAX_RENORM, SOFTMAX_TOPK, TOPK_SOFTMAX):
+        raise MoekitError(f"cannot tell which experts this router chose ({routing.formula}); "
+                          "use transformers 5.x, whose routers return their choice")
+    return select_experts(routing, logits, top_k, None)
 
 
 def router_probs(logits: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -244,7 +245,7 @@ class Domain:
         return sum(b.numel() for b in self.batches)
 
 
-def token_rows(texts: list[str], tokenizer, seq_len: int, max_tokens: int, name: str) -> torch.Tensor:
+def token_rows(texts: list[str], tokenizer, seq_len: int, max_tokens: int, what: str) -> torch.Tensor:
     """[R, seq_len] rows of packed text (documents separated by EOS), R·seq_len ≤ max_tokens.
     Only full rows: every batch then has the same shape, and per-batch numbers compare."""
     separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
@@ -256,12 +257,20 @@ def token_rows(texts: list[str], tokenizer, seq_len: int, max_tokens: int, name:
         have += len(docs[-1]) + 1
     rows = [r for r in pack_token_ids(docs, seq_len, separator) if r.shape[1] == seq_len]
     if not rows:
-        raise MoekitError(f"{name}: {have} tokens, shorter than one sequence of {seq_len} (--seq-len): give more text or a shorter --seq-len")
+        raise MoekitError(f"{what}: {have} tokens, shorter than one sequence of {seq_len} (--seq-len): give more text or a shorter --seq-len")
     return torch.cat(rows[: max(1, max_tokens // seq_len)])
 
 
-def make_domain(name: str, texts: list[str], tokenizer, seq_len: int, batch_size: int, max_tokens: int) -> Domain:
-    return Domain(name, list(token_rows(texts, tokenizer, seq_len, max_tokens, name).split(batch_size)))
+def read_domains(files: list[Path], tokenizer, seq_len: int, batch_size: int, max_tokens: int) -> list[Domain]:
+    """One domain per text file (.txt or .jsonl), named by its file name, at most `max_tokens`
+    tokens each; without files, the built-in sample of real English text."""
+    if not files:
+        sources = [("builtin", "the built-in text sample", builtin_calibration_text())]
+    else:
+        stems = [f.stem for f in files]
+        sources = [(f.stem if stems.count(f.stem) == 1 else str(f), str(f), read_text_file(f)) for f in files]
+    return [Domain(name, list(token_rows(texts, tokenizer, seq_len, max_tokens, what).split(batch_size)))
+            for name, what, texts in sources]
 
 
 # --------------------------------------------------------------------------- running

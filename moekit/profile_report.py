@@ -42,7 +42,7 @@ def sections(r: dict) -> list[Section]:
                 f"{r['batch_size']}×{r['seq_len']}, {r['seconds']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s"],
         ["MaxVio global / batch mean / batch max", f"{fmt(t['maxvio_global'])} / {fmt(t['maxvio_batch_mean'])} / {fmt(t['maxvio_batch_max'])}"],
         ["CV of load", fmt(t["cv"])],
-        ["entropy of load / of router (normalised)", f"{fmt(t['load_entropy'])} / {fmt(t['router_entropy'])}"],
+        ["entropy H of load / of router (normalised)", f"{fmt(t['load_entropy'])} / {fmt(t['router_entropy'])}"],
         ["dead experts", fmt(t["dead_experts"])],
         ["balance loss N·Σf·P local / global", f"{fmt(t['aux_loss_local'])} / {fmt(t['aux_loss_global'])}"],
         ["router z-loss", fmt(t["z_loss"])],
@@ -53,16 +53,16 @@ def sections(r: dict) -> list[Section]:
         summary.append(["MaxVio global per domain", "  ".join(f"{n}: {fmt(t['domains'][n]['maxvio_global'])}" for n in domains)])
     out = [Section("profile: routing balance (means over MoE layers)", ["", ""], summary)]
 
-    out.append(Section("per layer", ["layer", "MaxVio glob", "batch mean", "batch max", "CV", "load H", "router H",
-                                     "dead", "LBL local", "LBL global", "z-loss"],
+    out.append(Section("per layer", ["layer", "MaxVio\nglobal", "MaxVio\nbatch\nmean", "MaxVio\nbatch\nmax", "CV",
+                                     "H\nload", "H\nrouter", "dead", "LBL\nlocal", "LBL\nglobal", "z-loss"],
                        [[str(x["layer"]), fmt(x["maxvio_global"]), fmt(x["maxvio_batch_mean"]), fmt(x["maxvio_batch_max"]),
                          fmt(x["cv"]), fmt(x["load_entropy"]), fmt(x["router_entropy"]),
                          ",".join(map(str, x["dead_experts"])) or "0", fmt(x["aux_loss_local"]), fmt(x["aux_loss_global"]),
-                         fmt(x["z_loss"])] for x in r["layers"]]))
+                         fmt(x["z_loss"], 2)] for x in r["layers"]]))
 
-    headers = ["layer", *(f"drop @{cf}" for cf in cfs)]
+    headers = ["layer", *(f"drop\n@{cf}" for cf in cfs)]
     if len(domains) > 1:
-        headers += ["specialisation", *(f"MaxVio {n}" for n in domains)]
+        headers += ["special-\nisation", *(f"MaxVio\n{n}" for n in domains)]
     rows = []
     for x in r["layers"]:
         row = [str(x["layer"]), *(pct(x["drop_rate"][str(cf)]) for cf in cfs)]
@@ -123,13 +123,15 @@ def figures(r: dict) -> dict[str, bytes]:
     ax.bar(x, [v["maxvio_global"] or 0 for v in r["layers"]], color="#4878a8", label="MaxVio global")
     ax.plot(x, [v["maxvio_batch_mean"] or 0 for v in r["layers"]], "o-", color="#e08020", label="MaxVio batch (mean)")
     ax.plot(x, [v["maxvio_batch_max"] or 0 for v in r["layers"]], "^:", color="#c03030", label="MaxVio batch (max)")
-    for name in domains if len(domains) > 1 else []:
-        ax.plot(x, [v["domains"][name]["maxvio_global"] or 0 for v in r["layers"]], "--", label=f"MaxVio global: {name}")
+    for name, colour in zip(domains if len(domains) > 1 else [], ["#2a9d50", "#8a4fb0", "#6b6b6b", "#d4a017"] * 4):
+        ax.plot(x, [v["domains"][name]["maxvio_global"] or 0 for v in r["layers"]], "--", color=colour,
+                label=f"MaxVio global: {name}")
     ax.set_xticks(list(x), [str(i) for i in layers], fontsize=7 if len(layers) > 16 else 9)
     ax.set_xlabel("layer")
     ax.set_ylabel("(max load − ideal) / ideal")
     ax.set_title(f"MaxVio per layer ({r['experts']} experts, top-{r['top_k']})")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the data
+    ax.legend(fontsize=8, ncol=3, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     images["maxvio.png"] = _png(fig)
     return images
@@ -157,7 +159,7 @@ def html_page(r: dict, images: dict[str, bytes]) -> str:
     """One self-contained page: the tables and the figures (PNG embedded as base64)."""
     parts = [f"<h1>moekit profile: {html.escape(r['model'])}</h1>"]
     for s in sections(r):
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in s.headers) if any(s.headers) else ""
+        head = "".join(f"<th>{html.escape(h).replace(chr(10), '<br>')}</th>" for h in s.headers) if any(s.headers) else ""
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in s.rows)
         parts.append(f"<h2>{html.escape(s.title)}</h2><table>{f'<tr>{head}</tr>' if head else ''}{body}</table>")
     for name, data in images.items():

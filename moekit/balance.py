@@ -1,0 +1,83 @@
+"""Loss-free balancing (DeepSeek, arXiv 2408.15664) of a sigmoid-routed MoE, without training.
+
+Sigmoid routers (DeepSeek-V3, GLM-4.5, dots1) choose experts on `score + e_score_correction_bias`
+and weight them by the unbiased score. After each calibration batch every layer's bias moves
+`b_i += u · sign(c̄ − c_i)`: starved experts become more attractive, overloaded ones less, while
+the weights of the experts a token gets stay what the router computes. No gradients; the bias is
+kept in fp32. The result is a copy of the checkpoint with only those biases changed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from moekit.architectures import MOE_CONFIG, SIGMOID_BIASED
+from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
+from moekit.errors import MoekitError
+from moekit.pipeline import OutputTensor, Progress, WriteResult, write_model
+from moekit.profile import MoEModel, RouterCounter, input_device
+
+BIAS = "e_score_correction_bias"
+BIASED_FAMILIES = tuple(t for t, f in MOE_CONFIG.items() if f.routing is SIGMOID_BIASED)
+
+
+def check_balanceable(config: dict) -> None:
+    """Refuse, with the reason, a model whose routing has no selection bias to calibrate."""
+    model_type = config.get("model_type", "?")
+    fields = MOE_CONFIG.get(model_type)
+    if fields is None:
+        raise MoekitError(f"nothing to balance: {model_type!r} has no MoE layers moekit knows; upcycle it first")
+    if fields.routing is not SIGMOID_BIASED:
+        raise MoekitError(f"balance calibrates {BIAS}, which only sigmoid routers have ({', '.join(BIASED_FAMILIES)}); "
+                          f"{model_type} routes by {fields.routing.formula}: balance it with an auxiliary loss in training")
+
+
+@torch.no_grad()
+def calibrate_bias(model, moe: MoEModel, batches: list[torch.Tensor], steps: int, rate: float,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Run `steps` batches (cycling through `batches`) and update every layer's bias after each.
+    Returns the calibrated biases by checkpoint key, fp32 on the CPU; the model keeps them."""
+    biases = {}
+    for layer in moe.layers:
+        if not hasattr(layer.router, BIAS):
+            raise MoekitError(f"{layer.name} has no {BIAS}")
+        # An fp32 master copy replaces the buffer, so that the model routes with it as it moves
+        # (transformers 4.57 casts buffers to the model dtype; bf16 would swallow steps of 1e-3).
+        bias = getattr(layer.router, BIAS).detach().float().clone()
+        setattr(layer.router, BIAS, bias)
+        biases[f"{layer.name}.{BIAS}"] = (layer.index, bias)
+    device = input_device(model)
+    with RouterCounter(moe) as counter:
+        for step in range(steps):
+            model.model(input_ids=batches[step % len(batches)].to(device), use_cache=False)
+            for index, bias in biases.values():
+                load = counter.last_counts[index]
+                bias.add_(rate * torch.sign(load.mean() - load))
+            if progress:
+                progress(step + 1, steps)
+    return {name: bias.cpu() for name, (_, bias) in biases.items()}
+
+
+def write_balanced(ckpt: Checkpoint, output: Path, biases: dict[str, torch.Tensor], *, options: dict,
+                   layers: list[dict], summary: dict, overwrite: bool, progress: Progress | None = None) -> WriteResult:
+    """A copy of `ckpt` whose correction biases are `biases` (fp32); every other tensor passes
+    through unchanged, streamed one at a time."""
+    outputs = []
+    for name, meta in ckpt.tensors.items():
+        if name in biases:
+            outputs.append(OutputTensor(TensorMeta(name, meta.shape, torch.float32), lambda b=biases[name]: b))
+        else:
+            outputs.append(OutputTensor(meta, lambda n=name: ckpt.load(n)))
+    # A checkpoint may lack the biases (transformers then starts them at zero): add them.
+    outputs += [OutputTensor(TensorMeta(name, tuple(b.shape), torch.float32), lambda b=b: b)
+                for name, b in biases.items() if name not in ckpt.tensors]
+    return write_model(
+        output, ckpt, outputs, config=ckpt.config, operation="balance", options=options, layers=layers, summary=summary,
+        title=f"{ckpt.path.name}, routing balanced (loss-free bias)",
+        what=(f"`{ckpt.path.name}` with its `{BIAS}` calibrated by DeepSeek's loss-free balancing on "
+              "calibration text: the experts a token is sent to changed, the weights and every other tensor did not."),
+        max_shard_size=DEFAULT_MAX_SHARD_SIZE, overwrite=overwrite, progress=progress)
