@@ -73,9 +73,27 @@ def _is_row_rule(rule) -> bool:
     return isinstance(rows, list) and len(rows) == 2 and all(isinstance(r, int) for r in rows)
 
 
-def check_manifest_config(manifest: dict, config: dict) -> None:
-    """The manifest's expert counts agree with the config: old + new experts = the config's count
-    in every MoE layer listed, and each router's frozen rows are exactly its layer's old experts."""
+def check_run(source: str | Path, output: str | Path, manifest: dict | None, overwrite: bool = False):
+    """What can be checked before loading anything: the source is a safetensors folder, the output
+    may be written, and the manifest names exactly the source's on-disk tensors with expert counts
+    that agree with its config (old + new = the config's count; router rows frozen = old experts).
+    Returns the opened checkpoint."""
+    from moekit.checkpoint import open_checkpoint
+    from moekit.checkpoint.writer import check_target
+
+    ckpt = open_checkpoint(source)
+    if not ckpt.path.is_dir():
+        raise MoekitError(f"{ckpt.path}: train needs a safetensors model folder (`moekit convert` makes one)")
+    check_target(Path(output).expanduser(), [ckpt.path], overwrite)
+    if manifest is None:
+        return ckpt
+    unknown = sorted(set(manifest["tensors"]) - set(ckpt.tensors))
+    unlisted = sorted(set(ckpt.tensors) - set(manifest["tensors"]))
+    if unknown or unlisted:
+        raise MoekitError("freeze manifest does not match the model: " + (
+            f"it lists {len(unknown)} tensor(s) the model does not have, e.g. {unknown[0]}" if unknown else
+            f"the model has {len(unlisted)} tensor(s) the manifest does not list, e.g. {unlisted[0]}"))
+    config = ckpt.config
     fields = MOE_CONFIG.get(config.get("model_type"))
     experts = read_field(config, fields.experts) if fields else None
     layers = manifest.get("moe_layers", {})
@@ -91,6 +109,7 @@ def check_manifest_config(manifest: dict, config: dict) -> None:
             if rule["frozen_rows"] != [0, old]:
                 raise MoekitError(f"freeze manifest freezes rows {rule['frozen_rows']} of {name}, "
                                   f"but layer {m.group(1)} has {old} old experts")
+    return ckpt
 
 
 def _disk_names(model, probes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -410,11 +429,20 @@ def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
             "replay": torch.tensor([bool(r.get("replay", 0)) for r in rows])}
 
 
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of each position's logits against the next token, in fp32 (zero on no rows)."""
+    if ids.shape[0] == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction=reduction)
+
+
 class LifelongTrainer(Trainer):
     """A `Trainer` whose loss is `LM + kd_weight · KL(teacher ‖ model) + aux_loss_coef · Switch`.
 
-    KD runs on the replay rows of each batch when the data has replay rows (`kd_on_replay`),
-    else on every row; the teacher (the model before training) runs without gradients. Batches
+    With replay rows (`kd_on_replay`) and a KD weight, KD runs on the replay rows and LM on the
+    new ones (Lifelong-MoE's regulariser on old-domain text); without replay, KD runs on the
+    same rows as LM; without a KD weight, replay rows are LM-trained like the rest (plain
+    replay). The teacher (the model before training) runs without gradients. Batches
     come from `collate`. Each term is a per-batch mean, logged as lm_loss / kd_loss / aux_loss,
     with any callback's `log_metrics()` (MaxVio_batch) beside them.
     """
@@ -433,13 +461,22 @@ class LifelongTrainer(Trainer):
         ids = inputs["input_ids"]
         kw = {"output_router_logits": True} if self.aux_loss_coef else {}
         out = model(input_ids=ids, use_cache=False, **kw)
-        lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        replay = inputs["replay"]
+        # Replay rows that are distilled from the old model are not also LM-trained: the teacher's
+        # distribution is the better target for the old domain, and LM on them would teach the
+        # old domain rather than preserve it.
+        distil_replay = bool(self.kd_weight) and self.kd_on_replay
+        lm_rows = ~replay if distil_replay else torch.ones_like(replay)
+        lm = next_token_loss(out.logits[lm_rows], ids[lm_rows])
         loss, terms = lm, {"lm_loss": lm}
         if self.kd_weight:
-            rows = inputs["replay"] if self.kd_on_replay else torch.ones_like(inputs["replay"])
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=ids[rows], use_cache=False).logits
-            terms["kd_loss"] = kd_loss(out.logits[rows], teacher_logits)
+            rows = replay if distil_replay else torch.ones_like(replay)
+            if rows.any():
+                with torch.no_grad():
+                    teacher_logits = self.teacher(input_ids=ids[rows], use_cache=False).logits
+                terms["kd_loss"] = kd_loss(out.logits[rows], teacher_logits)
+            else:  # a batch without replay rows: nothing to distil on
+                terms["kd_loss"] = out.logits.sum() * 0.0
             loss = loss + self.kd_weight * terms["kd_loss"]
         if self.aux_loss_coef:
             terms["aux_loss"] = switch_aux_loss(router_logits(out), self.top_k, self.sigmoid_router)
@@ -495,7 +532,8 @@ def load_text_rows(path: str | Path, tokenizer, seq_len: int) -> list[list[int]]
                   for t in [*tokenizer(text, add_special_tokens=False)["input_ids"], *([sep] if sep is not None else [])]]
         return {"input_ids": [stream[s : s + seq_len] for s in range(0, len(stream) - seq_len + 1, seq_len)]}
 
-    rows = ds.map(pack, batched=True, batch_size=10_000, remove_columns=ds.column_names, keep_in_memory=True)["input_ids"]
+    packed = ds.map(pack, batched=True, batch_size=10_000, remove_columns=ds.column_names, keep_in_memory=True)
+    rows = packed["input_ids"] if len(packed) else []  # an empty result has no columns at all
     if not rows:
         raise MoekitError(f"{path}: fewer than --seq-len {seq_len} tokens of text in it")
     return rows
@@ -522,7 +560,7 @@ def mean_token_loss(model, rows: list[list[int]], batch_size: int = 8) -> float:
     for s in range(0, len(rows), batch_size):
         ids = torch.tensor(rows[s : s + batch_size], device=device)
         logits = model(input_ids=ids, use_cache=False).logits
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+        total += float(next_token_loss(logits, ids, reduction="sum"))
         count += ids[:, 1:].numel()
     model.train(was_training)
     return total / count
@@ -560,18 +598,10 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     """
     from transformers.utils import logging as hf_logging
 
-    from moekit.checkpoint import open_checkpoint
-    from moekit.checkpoint.writer import check_target
     from moekit.hf import load_model
 
     start = time.perf_counter()
-    ckpt = open_checkpoint(source)
-    if not ckpt.path.is_dir():
-        raise MoekitError(f"{ckpt.path}: train needs a safetensors model folder (`moekit convert` makes one)")
-    output = Path(output).expanduser()
-    check_target(output, [ckpt.path], overwrite)
-    if manifest is not None:
-        check_manifest_config(manifest, ckpt.config)
+    ckpt = check_run(source, output, manifest, overwrite)
     hf_logging.set_verbosity_error()
 
     work = tempfile.TemporaryDirectory(prefix="moekit-train-")  # Trainer wants a folder; it saves nothing there

@@ -16,7 +16,7 @@ def train_command(
     model: Annotated[str, typer.Argument(help="MoE model folder (from `moekit add-experts`, or any safetensors MoE folder).", show_default=False)],
     output: OutputArg,
     data: DataOpt,
-    replay: Annotated[Optional[Path], typer.Option(help="Old-domain text mixed in (same formats); with --kd-weight, KD runs on these rows.", show_default=False)] = None,
+    replay: Annotated[Optional[Path], typer.Option(help="Old-domain text mixed in (same formats): with --kd-weight, distilled from the old model (not LM-trained); without, trained on like --data.", show_default=False)] = None,
     replay_ratio: Annotated[float, typer.Option(min=0.0, max=0.95, help="Share of training rows taken from --replay.")] = 0.25,
     freeze: Annotated[str, typer.Option(help="manifest (MODEL's moekit.json), none (train everything), or a JSON file holding a manifest.")] = "manifest",
     kd_weight: Annotated[float, typer.Option(min=0.0, help="λ of KL(old model ‖ new model) per token (Lifelong-MoE); 0: no teacher.")] = 0.0,
@@ -53,7 +53,7 @@ def train_command(
         accelerate launch -m moekit train ./big-moe ./out --data corpus.parquet --batch-size 4
     """
     from moekit.hf import load_tokenizer
-    from moekit.training import TrainOptions, load_text_rows, read_manifest, train_model
+    from moekit.training import TrainOptions, check_run, load_text_rows, read_manifest, train_model
 
     # Everything that can be wrong with the options fails now, before minutes of loading.
     if device not in ("auto", "cpu"):
@@ -69,6 +69,7 @@ def train_command(
         manifest = read_manifest(freeze)
     else:
         raise UsageError(f"--freeze {freeze!r}: use manifest, none, or a JSON file")
+    check_run(model, output, manifest, overwrite)
     opts = TrainOptions(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
                         weight_decay=weight_decay, warmup_steps=warmup_steps, kd_weight=kd_weight,
                         aux_loss_coef=aux_loss_coef, bias_update_rate=bias_update_rate, replay_ratio=replay_ratio,
