@@ -6,6 +6,7 @@ the tensor); this module knows nothing of surgery, and surgery knows nothing of 
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,18 @@ Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor n
 class OutputTensor:
     meta: TensorMeta
     produce: Callable[[], torch.Tensor]
+    # The output is byte for byte this source tensor: the writer may copy it file to file.
+    copy_of: tuple[Checkpoint, str] | None = None
+
+    def source_bytes(self) -> tuple[Path, int, int] | None:
+        return self.copy_of[0].byte_range(self.copy_of[1]) if self.copy_of else None
 
 
 def passthrough(ckpt: Checkpoint, meta: TensorMeta, dtype: torch.dtype | None) -> OutputTensor:
     """A source tensor copied as it is; floating-point ones cast to `dtype` when given."""
     cast = dtype if dtype is not None and meta.dtype.is_floating_point else meta.dtype
-    return OutputTensor(TensorMeta(meta.name, meta.shape, cast), lambda: ckpt.load(meta.name, cast))
+    return OutputTensor(TensorMeta(meta.name, meta.shape, cast), lambda: ckpt.load(meta.name, cast),
+                        copy_of=(ckpt, meta.name) if cast == meta.dtype else None)
 
 
 @dataclass
@@ -64,11 +71,17 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
     atomic as a whole."""
     start = time.perf_counter()
     all_sources = [source, *extra_sources]
+    # Hash the sources for provenance while the output is written (hashlib releases the GIL).
+    records = in_background(lambda: [source_record(s.path, _hashed_files(s)) for s in all_sources])
     plan = [o.meta for o in outputs]
     with CheckpointWriter(target, plan, sources=[s.path for s in all_sources],
                           max_shard_size=max_shard_size, overwrite=overwrite) as out:
         for o in outputs:
-            out.write(o.meta.name, o.produce())
+            where = o.source_bytes()
+            if where:
+                out.copy_bytes(o.meta.name, *where)
+            else:
+                out.write(o.meta.name, o.produce())
             if progress:
                 progress(out.bytes_written, out.total_bytes, o.meta.name)
         side_files = source.write_side_files(out.files_dir)
@@ -79,12 +92,34 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
         seconds = time.perf_counter() - start
         summary = {**summary, "bytes written": out.total_bytes, "seconds": round(seconds, 2),
                    "shards": len(out.shards)}
-        records = [source_record(s.path, _hashed_files(s)) for s in all_sources]
-        record = {**build_record(operation, options, records, layers, summary), **(extra or {})}
+        record = {**build_record(operation, options, records(), layers, summary), **(extra or {})}
         out.write_json("moekit.json", record)
         out.write_text("README.md", model_card(title, what, record))
         path = out.commit()
     return WriteResult(path, out.total_bytes, time.perf_counter() - start, len(out.shards), side_files, warnings)
+
+
+def in_background(fn: Callable[[], object]) -> Callable[[], object]:
+    """Start `fn` in a daemon thread (one that never holds up an interrupted exit); the returned
+    function waits for its result, or raises what it raised."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller, in the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return result
 
 
 def _hashed_files(ckpt: Checkpoint) -> list[Path]:

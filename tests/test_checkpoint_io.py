@@ -245,27 +245,35 @@ def test_smollm2_round_trip_bit_identical_and_loads(smollm2, tmp_path):
 def test_full_disk_is_one_line_exit_4_and_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     import errno
 
-    real_open_shard = CheckpointWriter._open_shard
+    from moekit.checkpoint import writer
 
-    def open_full_disk(self, shard):
-        real_open_shard(self, shard)
-        real = self._file
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out"))
 
-        class FullDisk:
-            def write(self, data):
-                raise OSError(errno.ENOSPC, "No space left on device", real.name)
-
-            def close(self):
-                real.close()
-
-        self._file = FullDisk()
-
-    monkeypatch.setattr(CheckpointWriter, "_open_shard", open_full_disk)
+    # Every way the writer puts bytes on disk: from Python buffers, and file-to-file copies.
+    monkeypatch.setattr(writer, "_write_all", full_disk)
+    monkeypatch.setattr(writer, "_copy_range", full_disk)
     out = tmp_path / "out"
     proc = run_moekit("convert", str(tiny_models("llama")), str(out))
     assert proc.returncode == 4 and "disk full" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_verbatim_tensors_are_copied_file_to_file(tiny_models, tmp_path, monkeypatch):
+    """An exact upcycle with no cast loads no expert: every copy goes through copy_bytes."""
+    from moekit.checkpoint.reader import SafetensorsCheckpoint
+
+    loaded = []
+    real_load = SafetensorsCheckpoint.load
+    monkeypatch.setattr(SafetensorsCheckpoint, "load", lambda self, name, dtype=None: (loaded.append(name),
+                                                                                     real_load(self, name, dtype))[1])
+    src = tiny_models("llama")
+    run_moekit("upcycle", str(src), str(tmp_path / "moe"), "-n", "4", "-k", "2", check=True)
+    assert loaded == []
+    ck = open_checkpoint(tmp_path / "moe")
+    assert torch.equal(ck.load("model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+                       real_load(open_checkpoint(src), "model.layers.1.mlp.down_proj.weight"))
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
@@ -276,9 +284,9 @@ def test_signal_midway_exits_130_and_leaves_nothing(tiny_models, tmp_path, sig):
     src, out = tiny_models("llama"), tmp_path / "out"
     slow_cli = f"""
 import sys, time
-from moekit.checkpoint.reader import SafetensorsCheckpoint
-load = SafetensorsCheckpoint.load
-SafetensorsCheckpoint.load = lambda self, *a, **k: (time.sleep(0.3), load(self, *a, **k))[1]
+from moekit.checkpoint.writer import CheckpointWriter
+begin = CheckpointWriter._begin  # every tensor, copied or computed, starts here: make each slow
+CheckpointWriter._begin = lambda self, name: (time.sleep(0.3), begin(self, name))[1]
 sys.argv = ["moekit", "convert", {str(src)!r}, {str(out)!r}]
 from moekit.cli import main
 main()

@@ -14,7 +14,7 @@ class PlannedCheckpoint(Checkpoint):
     def __init__(self, base: Checkpoint, outputs: list, config: dict):
         super().__init__(base.path)
         self._base, self._config = base, config
-        self._produce = {o.meta.name: o.produce for o in outputs}
+        self._outputs = {o.meta.name: o for o in outputs}
         self._tensors = {o.meta.name: o.meta for o in outputs}
 
     @property
@@ -27,8 +27,12 @@ class PlannedCheckpoint(Checkpoint):
 
     def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         self.meta(name)
-        data = self._produce[name]()
+        data = self._outputs[name].produce()
         return _cast(data if isinstance(data, torch.Tensor) else torch.cat(list(data)), dtype)
+
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        self.meta(name)
+        return self._outputs[name].source_bytes()
 
     def weight_files(self) -> list[Path]:
         return self._base.weight_files()

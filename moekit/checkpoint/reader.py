@@ -80,6 +80,11 @@ class Checkpoint(ABC):
     def write_side_files(self, dest: Path) -> list[str]:
         """Write tokenizer files, chat template and generation config into `dest`; return their names."""
 
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, start, end) when the tensor's bytes lie in a file exactly as a safetensors output
+        stores them (so a writer can copy them without loading); None otherwise."""
+        return None
+
     def meta(self, name: str) -> TensorMeta:
         try:
             return self.tensors[name]
@@ -148,6 +153,10 @@ class SafetensorsCheckpoint(FolderCheckpoint):
                 begin, end = info["data_offsets"]
                 self._where[name] = (file, data_start + begin, data_start + end)
         return metas
+
+    def byte_range(self, name: str) -> tuple[Path, int, int]:
+        self.meta(name)
+        return self._where[name]
 
     def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         meta = self.meta(name)

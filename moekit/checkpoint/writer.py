@@ -9,6 +9,7 @@ that looks like a finished model.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -150,6 +151,28 @@ class CheckpointWriter:
     def write(self, name: str, data: torch.Tensor | Iterable[torch.Tensor]) -> None:
         """Write the next tensor of the plan: a tensor, or its dim-0 chunks in order (so a fused
         [experts, ...] tensor can be streamed expert by expert). Name, shape and dtype must match the plan."""
+        meta = self._begin(name)
+        rows = 0
+        for chunk in [data] if isinstance(data, torch.Tensor) else data:
+            if chunk.dtype != meta.dtype or tuple(chunk.shape[1:]) != meta.shape[1:] or chunk.dim() != len(meta.shape):
+                raise ValueError(f"{name}: got {tuple(chunk.shape)} {chunk.dtype}, plan says {meta.shape} {meta.dtype}")
+            _write_all(self._file.fileno(), chunk.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+            rows += chunk.shape[0] if chunk.dim() else 1
+        if rows != (meta.shape[0] if meta.shape else 1):
+            raise ValueError(f"{name}: got {rows} rows, plan says {meta.shape}")
+        self._end(meta)
+
+    def copy_bytes(self, name: str, source: Path, start: int, end: int) -> None:
+        """Write the next tensor of the plan as a byte range of a source file, copied by the kernel
+        (`copy_file_range`, as `cp` does): the bytes never pass through Python or its memory."""
+        meta = self._begin(name)
+        if end - start != meta.nbytes:
+            raise ValueError(f"{name}: {end - start} source bytes, plan says {meta.nbytes}")
+        with open(source, "rb") as src:
+            _copy_range(src.fileno(), self._file.fileno(), start, end - start)
+        self._end(meta)
+
+    def _begin(self, name: str) -> TensorMeta:
         if self._next >= len(self._queue):
             raise ValueError(f"tensor {name} is not in the output plan")
         shard, meta = self._queue[self._next]
@@ -157,23 +180,20 @@ class CheckpointWriter:
             raise ValueError(f"got {name}, the plan's next tensor is {meta.name}")
         if shard.tensors[0] is meta:
             self._open_shard(shard)
-        rows = 0
-        for chunk in [data] if isinstance(data, torch.Tensor) else data:
-            if chunk.dtype != meta.dtype or tuple(chunk.shape[1:]) != meta.shape[1:] or chunk.dim() != len(meta.shape):
-                raise ValueError(f"{name}: got {tuple(chunk.shape)} {chunk.dtype}, plan says {meta.shape} {meta.dtype}")
-            self._file.write(chunk.detach().cpu().contiguous().view(torch.uint8).numpy().data)
-            rows += chunk.shape[0] if chunk.dim() else 1
-        if rows != (meta.shape[0] if meta.shape else 1):
-            raise ValueError(f"{name}: got {rows} rows, plan says {meta.shape}")
+        return meta
+
+    def _end(self, meta: TensorMeta) -> None:
         self.bytes_written += meta.nbytes
+        shard = self._queue[self._next][0]
         self._next += 1
         if shard.tensors[-1] is meta:
             self._file.close()
             self._file = None
 
     def _open_shard(self, shard: _Shard) -> None:
-        self._file = open(self.temp / shard.file_name, "wb")
-        self._file.write(shard.header())
+        # Unbuffered: `copy_bytes` writes at the descriptor's offset, so no bytes may wait in a buffer.
+        self._file = open(self.temp / shard.file_name, "wb", buffering=0)
+        _write_all(self._file.fileno(), shard.header())
 
     def write_json(self, name: str, data: dict) -> None:
         (self.temp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
@@ -200,6 +220,32 @@ class CheckpointWriter:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.target
+
+
+def _write_all(fd: int, data) -> None:
+    """os.write until done: one call writes at most ~2 GB, and may write less."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy `count` bytes from `src_fd` at `offset` to `dst_fd` at its current position."""
+    try:
+        while count:
+            done = os.copy_file_range(src_fd, dst_fd, count, offset)
+            if done == 0:
+                raise OSError(f"source ended {count} bytes early")
+            offset, count = offset + done, count - done
+    except (AttributeError, OSError) as e:  # no copy_file_range here (old kernel, other file systems)
+        if isinstance(e, OSError) and e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        while count:
+            block = os.pread(src_fd, min(count, 1 << 24), offset)
+            if not block:
+                raise OSError(f"source ended {count} bytes early") from None
+            _write_all(dst_fd, block)
+            offset, count = offset + len(block), count - len(block)
 
 
 def _fsync_folder(folder: Path) -> None:

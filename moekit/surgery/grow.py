@@ -126,7 +126,15 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
             continue
         done.add(i)
         donor = donors(copy_from, counts.get(i), n, m) if init in ("copy", "drop-upcycling") else []
-        block = _grown_block(target, i, n, m, hidden, out_dtype, reader, old, new, router, donor)
+        def verbatim(e: int, p: str, i=i, donor=donor) -> tuple[Checkpoint, str] | None:
+            """Old experts, and new copies of one, are byte-for-byte source tensors."""
+            source = e if e < n else (donor[e - n] if init == "copy" else None)
+            if source is None or not target.expert:
+                return None
+            name = target.expert.format(i=i, e=source, proj=target.proj[p])
+            return (ckpt, name) if ckpt.meta(name).dtype == out_dtype else None
+
+        block = _grown_block(target, i, n, m, hidden, out_dtype, reader, old, new, router, donor, verbatim)
         outputs += block
         for o in block:
             tensors[o.meta.name] = _freeze_rule(target, o.meta.name, i, n)
@@ -149,7 +157,7 @@ def _freeze_rule(t: Target, name: str, i: int, n: int):
     return "frozen"
 
 
-def _grown_block(t: Target, i, n, m, hidden, dtype, reader, old, new, router, donor) -> list[OutputTensor]:
+def _grown_block(t: Target, i, n, m, hidden, dtype, reader, old, new, router, donor, verbatim) -> list[OutputTensor]:
     name = t.router.format(i=i)
     block = [OutputTensor(TensorMeta(name, (n + m, hidden), dtype), lambda: router(i, donor))]
     if t.router_bias:  # new experts start with the bias of the expert they copy (or the mean bias)
@@ -166,7 +174,8 @@ def _grown_block(t: Target, i, n, m, hidden, dtype, reader, old, new, router, do
         for e in range(n + m):
             for p in PROJS:
                 produce = (lambda e=e, p=p: old(i, e, p)) if e < n else (lambda e=e, p=p: new(i, e - n, p, donor))
-                block.append(OutputTensor(TensorMeta(t.expert.format(i=i, e=e, proj=t.proj[p]), shapes[p], dtype), produce))
+                block.append(OutputTensor(TensorMeta(t.expert.format(i=i, e=e, proj=t.proj[p]), shapes[p], dtype), produce,
+                                          copy_of=verbatim(e, p)))
         return block
 
     def expert(e: int, p: str) -> torch.Tensor:

@@ -179,14 +179,22 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
     rows_by_layer = data_rows(moe_layers) if data_rows else {}
 
     out_dtype = dtype or next(iter(ckpt.tensors.values())).dtype
-    load = lru_cache(maxsize=8)(lambda src_idx, name: ([ckpt, *expert_sources][src_idx]).load(name, out_dtype))
+    # One layer's gate/up/down are read once for its N copies.
+    load = lru_cache(maxsize=3)(lambda src_idx, name: ([ckpt, *expert_sources][src_idx]).load(name, out_dtype))
+
+    def src_idx(e: int | None) -> int:
+        return e + 1 if expert_sources and e is not None else 0
 
     def ffn(i: int, proj: str, e: int | None = None) -> torch.Tensor:
-        name = DENSE_FFN.format(i=i, proj=proj)
-        w = load(e + 1 if expert_sources and e is not None else 0, name)
+        w = load(src_idx(e), DENSE_FFN.format(i=i, proj=proj))
         if e is not None and (noise or drop):
             w = perturb(w, proj, noise, drop, gen_seed=(seed * 1_000_003 + i) * 1009 + e).to(out_dtype)
         return w
+
+    def verbatim(i: int, proj: str, e: int) -> tuple[Checkpoint, str] | None:
+        """The source tensor expert e's projection is a byte-for-byte copy of, if it is one."""
+        src, name = [ckpt, *expert_sources][src_idx(e)], DENSE_FFN.format(i=i, proj=proj)
+        return None if noise or drop or src.meta(name).dtype != out_dtype else (src, name)
 
     ffn_names = {DENSE_FFN.format(i=i, proj=p) for i in moe_layers for p in PROJS}
     outputs: list[OutputTensor] = []
@@ -201,14 +209,14 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
             continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         rows = rows_by_layer[i] if data_rows else router_rows(router_init, n, hidden, gen, std)
-        outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, rows)
+        outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, verbatim, rows)
         layers.append({"layer": i, "experts": n, "top_k": k, "shared_experts": shared, "router_init": router_init,
                        "expert_sources": [str(s.path) for s in expert_sources] or None,
                        "noise": noise, "drop_upcycling": drop})
     return UpcyclePlan(outputs, config, layers, target, moe_layers)
 
 
-def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, rows) -> list[OutputTensor]:
+def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, verbatim, rows) -> list[OutputTensor]:
     def meta(name, *shape, dt=dtype):
         return TensorMeta(name.format(i=i), tuple(shape), dt)
 
@@ -220,7 +228,8 @@ def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, rows) -> list[
             for p in PROJS:
                 shape = (hidden, d_ff) if p == "down" else (d_ff, hidden)
                 name = t.expert.format(i=i, e=e, proj=t.proj[p])
-                block.append(OutputTensor(TensorMeta(name, shape, dtype), lambda e=e, p=p: ffn(i, p, e)))
+                block.append(OutputTensor(TensorMeta(name, shape, dtype), lambda e=e, p=p: ffn(i, p, e),
+                                          copy_of=verbatim(i, p, e)))
     else:  # fused per layer: written expert by expert, so memory stays at one expert
         block.append(OutputTensor(meta(t.fused_gate_up, n, 2 * d_ff, hidden),
                                   lambda: (torch.cat([ffn(i, "gate", e), ffn(i, "up", e)])[None] for e in range(n))))
