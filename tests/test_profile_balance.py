@@ -55,11 +55,11 @@ def test_one_step_moves_each_bias_towards_balance(glm):
 
 def test_balance_lowers_maxvio_and_changes_only_the_bias(glm, text, tmp_path):
     out = tmp_path / "balanced"
-    r = balance_app(glm, out, "--data", text, "--steps", 300, "--rate", 0.01, "--seq-len", 32, "--batch-size", 4,
+    r = balance_app(glm, out, "--data", text, "--steps", 300, "--rate", 1e-3, "--seq-len", 32, "--batch-size", 4,
                     "--max-tokens", 8192, "--device", "cpu", "--json")
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["maxvio_global_after"] < report["maxvio_global_before"] / 2, report
+    assert report["maxvio_global_after"] < 0.7 * report["maxvio_global_before"], report
     assert report["held_out_tokens"] > 0 and report["steps"] == 300
     before, after = load_file(glm / "model.safetensors"), load_file(out / "model.safetensors")
     assert set(before) == set(after)
