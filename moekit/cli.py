@@ -8,14 +8,15 @@ from typing import Annotated
 import typer
 
 from moekit import __version__
-from moekit.commands.common import fail
 from moekit.commands.add_experts import add_experts_command
+from moekit.commands.balance import balance_command
 from moekit.commands.convert import convert_command
 from moekit.commands.inspect import inspect_command
+from moekit.commands.profile import profile_command
 from moekit.commands.split import split_command
+from moekit.commands.train import train_command
 from moekit.commands.upcycle import upcycle_command
 from moekit.commands.verify import verify_command
-from moekit.errors import EXIT_USAGE
 
 app = typer.Typer(
     name="moekit",
@@ -58,20 +59,9 @@ app.command("upcycle")(upcycle_command)
 app.command("verify")(verify_command)
 app.command("split-granularity")(split_command)
 app.command("add-experts")(add_experts_command)
-
-
-def _not_built(name: str, issue: str):
-    def command(ctx: typer.Context) -> None:
-        raise fail(f"`moekit {name}` is not built yet ({issue}); nothing was done", EXIT_USAGE)
-
-    command.__doc__ = f"Not built yet: {issue}."
-    return command
-
-
-for _name, _issue in {
-    "profile": "routing balance on real text",
-}.items():
-    app.command(_name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(_not_built(_name, _issue))
+app.command("train")(train_command)
+app.command("profile")(profile_command)
+app.command("balance")(balance_command)
 
 
 def _interrupt_on_sigterm(signum, frame):

@@ -5,7 +5,7 @@ from __future__ import annotations
 # Exit codes, documented in the README: they mean the same thing in every command.
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1  # the command ran, but what it checked did not hold (verify beyond tolerance)
-EXIT_USAGE = 2  # impossible options, or a command that is not built yet (click uses 2 for usage too)
+EXIT_USAGE = 2  # impossible options (click uses 2 for usage errors too)
 EXIT_BAD_INPUT = 3  # missing path, corrupt file, unsupported architecture, existing output
 EXIT_IO = 4  # the disk failed us (full, read-only, permission)
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
@@ -21,6 +21,3 @@ class MoekitError(Exception):
 class UsageError(MoekitError):
     exit_code = EXIT_USAGE
 
-
-class NotBuiltYet(UsageError):
-    pass
