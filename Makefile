@@ -32,10 +32,13 @@ test: test-main test-4.57
 test-main: setup
 	$(BIN)/python -m pytest -q -ra
 
-# Load-and-compare tests (every upcycle pair and split, inspect of every family) under transformers 4.57.
+# Under transformers 4.57: loading and comparing every surgery's output, inspect of every family,
+# training in the per-expert layout, and profiling.
 test-4.57: $(VENV457)/bin/moekit
-	$(VENV457)/bin/python -m pytest -q -ra -m "not slow" tests/test_upcycle.py tests/test_split.py tests/test_grow.py tests/test_inspect_cli.py
+	$(VENV457)/bin/python -m pytest -q -ra -m "not slow" tests/test_upcycle.py tests/test_split.py tests/test_grow.py tests/test_training.py tests/test_profile.py tests/test_profile_balance.py tests/test_inspect_cli.py
 
+# The main job on the built-in SmolLM2-135M: dense → 8 experts top-2, check the logits and a
+# greedy generation against the parent, then profile the routing on real text and write a report.
 demo: setup
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/moekit inspect smollm2-135m
@@ -43,7 +46,8 @@ demo: setup
 	$(BIN)/moekit upcycle $(DEMO)/smollm2 $(DEMO)/smollm2-8x2 --experts 8 --top-k 2
 	$(BIN)/moekit inspect $(DEMO)/smollm2-8x2
 	$(BIN)/moekit verify $(DEMO)/smollm2 $(DEMO)/smollm2-8x2 --tokens 1024 --prompt "The three primary colours are"
-	@echo "demo done: outputs in $(DEMO)/"
+	$(BIN)/moekit profile $(DEMO)/smollm2-8x2 --max-tokens 4096 --seq-len 256 --json $(DEMO)/profile.json --plot $(DEMO)/plots --html $(DEMO)/report.html
+	@echo "demo done: models, profile.json, plots/ and report.html in $(DEMO)/"
 
 bench: setup
 	$(BIN)/python benchmarks/upcycle_bench.py
