@@ -4,6 +4,8 @@ plan, write with a freeze manifest, and measure the drift at init on old-domain 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -18,6 +20,7 @@ from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
 from moekit.surgery.grow import plan_add_experts, select_experts
 from moekit.surgery.router_init import calibration_mlp_inputs, kmeans_router_rows
 from moekit.surgery.upcycle import plan_upcycle
+from moekit.targets import TARGETS
 
 
 def run_add_experts(opts: AddExpertsOptions, progress: Progress | None = None) -> tuple[WriteResult, dict]:
@@ -34,12 +37,13 @@ def run_add_experts(opts: AddExpertsOptions, progress: Progress | None = None) -
         up = plan_upcycle(ckpt, opts.target, opts.experts, min(2, opts.experts), dtype=dtype, seed=opts.seed)
         source = PlannedCheckpoint(ckpt, up.outputs, up.config)
     device = resolve_device(opts.device)
+    # Routing counts and k-means rows read the same hidden states: one model load, one pass.
+    states = lru_cache(maxsize=1)(lambda layers: _new_domain_states(ckpt, opts, list(layers), device))
     plan = plan_add_experts(
         source, opts.new_experts, init=opts.init, copy_from=opts.copy_from, router_init=opts.router_init,
         top_k=opts.top_k, drop=opts.drop_upcycling, seed=opts.seed, dtype=dtype,
-        usage=lambda layers: _usage(source, opts, layers, device),
-        kmeans_rows=lambda layers: kmeans_router_rows(_new_domain_states(ckpt, opts, layers, device), opts.new_experts,
-                                                      seed=opts.seed))
+        usage=lambda layers: _usage(source, opts, layers, states),
+        kmeans_rows=lambda layers: kmeans_router_rows(states(tuple(layers)), opts.new_experts, seed=opts.seed))
     out_dtype = plan.outputs[0].meta.dtype
     summary = {"target": plan.target.model_type, "old_experts": plan.old_experts, "experts": plan.experts,
                "top_k": plan.top_k, "init": opts.init, "router_init": opts.router_init, "moe_layers": len(plan.layers),
@@ -60,19 +64,14 @@ def run_add_experts(opts: AddExpertsOptions, progress: Progress | None = None) -
     return result, summary
 
 
-def _usage(ckpt: Checkpoint, opts: AddExpertsOptions, layers: list[int], device) -> dict[int, torch.Tensor]:
+def _usage(ckpt: Checkpoint, opts: AddExpertsOptions, layers: list[int],
+           states: Callable[[tuple[int, ...]], dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
     """Tokens routed to each old expert per layer: from a profile JSON, or counted on --calibration."""
     if opts.profile:
         return _usage_from_profile(opts.profile, layers)
-    if not opts.calibration:
-        raise UsageError(f"--copy-from {opts.copy_from} needs routing counts: give --profile or --calibration")
-    target_router = ckpt.config["model_type"]
-    from moekit.targets import TARGETS
-
-    t = TARGETS[target_router]
-    states = calibration_mlp_inputs(ckpt.path, layers, opts.calibration, opts.calibration_tokens, device)
+    t = TARGETS[ckpt.config["model_type"]]
     counts = {}
-    for i, x in states.items():
+    for i, x in states(tuple(layers)).items():
         w = ckpt.load(t.router.format(i=i), torch.float32).to(x.device)
         bias = ckpt.load(t.router_bias.format(i=i), torch.float32).to(x.device) if t.router_bias else None
         picked = select_experts(t.routing, x @ w.T, ckpt.config["num_experts_per_tok"], bias)
@@ -94,7 +93,8 @@ def _usage_from_profile(path, layers: list[int]) -> dict[int, torch.Tensor]:
 
 def _new_domain_states(ckpt: Checkpoint, opts: AddExpertsOptions, layers: list[int], device):
     if not opts.calibration:
-        raise UsageError("--router-init kmeans clusters new-domain hidden states: give --calibration FILE")
+        raise UsageError(f"--copy-from {opts.copy_from} and --router-init kmeans read new-domain text: "
+                         "give --calibration FILE (or --profile for the counts)")
     return calibration_mlp_inputs(ckpt.path, layers, opts.calibration, opts.calibration_tokens, device)
 
 

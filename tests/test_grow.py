@@ -110,7 +110,7 @@ def test_dense_source_is_upcycled_first(tiny_models, tmp_path):
     (["-m", "0"], 2, "at least 1"),
     (["-m", "1", "--layers", "0"], 2, "same number of experts"),
     (["-m", "1", "--router-init", "kmeans", "--copy-from", "0"], 2, "--calibration"),
-    (["-m", "1"], 2, "needs routing counts"),
+    (["-m", "1"], 2, "read new-domain text"),
     (["-m", "1", "--copy-from", "9"], 2, "experts 0-3"),
     (["-m", "1", "--copy-from", "0", "-k", "9"], 2, "between 1 and 5"),
 ])
@@ -123,3 +123,16 @@ def test_bad_options_fail_cleanly(tiny_models, tmp_path, args, code, message):
 def test_unsupported_source(tiny_models, tmp_path):
     proc = run_moekit("add-experts", str(tiny_models("deepseek_v3")), str(tmp_path / "out"), "-m", "1")
     assert proc.returncode == 3 and "MoE layouts moekit writes" in proc.stderr
+
+
+def test_counts_from_a_real_profile_report(tiny_models, tmp_path):
+    src = with_char_tokenizer(tiny_models("qwen3_moe"), tmp_path / "src")
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"sample {i}: {'abc ' * (i % 7)} {i * 13}" for i in range(80)))
+    run_moekit("profile", str(src), "--data", str(text), "--max-tokens", "256", "--seq-len", "32", "--device", "cpu",
+               "--json", str(tmp_path / "p.json"), check=True)
+    report = json.loads((tmp_path / "p.json").read_text())
+    grow(src, tmp_path / "g", "-m", "1", "--profile", str(tmp_path / "p.json"), "--drift-tokens", "0")
+    counts = next(r["tokens_per_expert"] for r in report["layers"] if r["layer"] == 0)
+    donor = json.loads((tmp_path / "g" / "moekit.json").read_text())["layers"][0]["copied_from"][0]
+    assert counts[donor] == max(counts)
