@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from moekit.hf import load_model, load_tokenizer
 from moekit.surgery.router_init import encode, read_text_file
-from moekit.training import TrainOptions, mean_token_loss, read_manifest, train_model
+from moekit.training import TrainOptions, kd_loss, mean_token_loss, read_manifest, train_model
 
 # name -> (freeze manifest?, replay English?, KD weight); in order of importance (a deadline may cut the tail)
 RECIPES = {
@@ -48,12 +48,24 @@ def moekit(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "moekit", *args], check=True)
 
 
-def evaluate(folder: Path, evals: dict[str, list[list[int]]]) -> dict[str, float]:
+def evaluate(folder: Path, evals: dict[str, list[list[int]]], reference=None) -> dict[str, float]:
+    """Held-out loss per domain; with the model before training as `reference`, also how far the
+    old domain's predictions moved: KL(before ‖ after) per token and top-1 agreement on A."""
     model, _ = load_model(folder, torch.float32, "auto")
-    losses = {k: mean_token_loss(model, v, batch_size=16) for k, v in evals.items()}
+    out = {k: mean_token_loss(model, v, batch_size=16) for k, v in evals.items()}
+    if reference is not None:
+        kl = agree = 0.0
+        with torch.no_grad():
+            for s in range(0, len(evals["A_en"]), 16):
+                ids = torch.tensor(evals["A_en"][s : s + 16], device=model.device)
+                p, q = reference(input_ids=ids).logits, model(input_ids=ids).logits
+                kl += float(kd_loss(q, p)) * ids.numel()
+                agree += float((p.argmax(-1) == q.argmax(-1)).float().sum())
+        n = len(evals["A_en"]) * len(evals["A_en"][0])
+        out.update(A_en_kl=kl / n, A_en_top1=agree / n)
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return losses
+    return out
 
 
 def frozen_check(before: Path, after: Path, manifest: dict) -> dict:
@@ -97,7 +109,7 @@ def main() -> None:
         moekit("convert", args.source, str(dense), "--dtype", "bfloat16")
         moekit("upcycle", str(dense), str(moe), "-n", "4", "-k", "2", "--dtype", "bfloat16")
         moekit("add-experts", str(moe), str(grown), "-m", "2", "--router-init", "kmeans",
-               "--calibration", str(args.data / "fr_train.txt"), "--drift-tokens", "4096")
+               "--calibration", str(args.data / "fr_train.txt"), "--drift-tokens", "4096", "--device", "cpu")
     tok = load_tokenizer(grown)
     fr = rows(args.data / "fr_train.txt", tok, args.seq_len)
     en_replay = rows(args.data / "en_replay.txt", tok, args.seq_len)
@@ -111,6 +123,7 @@ def main() -> None:
                          "torch": torch.__version__, "transformers": __import__("transformers").__version__},
                "before": evaluate(grown, evals), "recipes": {}}
     print("before:", results["before"], flush=True)
+    reference = load_model(grown, torch.float32, "auto")[0]
     last = 0.0  # seconds the previous recipe took: the next one will take about as long
     for name in args.recipes.split(","):
         if time.time() - start + last > args.deadline:
@@ -128,7 +141,7 @@ def main() -> None:
             results["recipes"][name] = {"error": f"{type(e).__name__}: {e}"}
             print(name, "failed:", results["recipes"][name]["error"], flush=True)
             continue
-        after = evaluate(work / name, evals)
+        after = evaluate(work / name, evals, reference)
         entry = {"summary": summary, "after": after, "log": logs}
         if use_manifest:
             entry["check"] = frozen_check(grown, work / name, manifest)

@@ -38,6 +38,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from moekit.architectures import MOE_CONFIG, SIGMOID_BIASED, read_field
 from moekit.errors import MoekitError, UsageError
+from moekit.profile import max_vio
 
 FROZEN, TRAINABLE = "frozen", "trainable"
 
@@ -364,12 +365,6 @@ class RoutingCounter:
             h.remove()
 
 
-def max_violation(counts: torch.Tensor) -> float:
-    """MaxVio = (max_i c_i − c̄) / c̄, c̄ the mean load (= K·T/N)."""
-    mean = counts.mean()
-    return float((counts.max() - mean) / mean) if mean > 0 else float("nan")
-
-
 class RoutingStatsCallback(TrainerCallback):
     """MaxVio_batch of every optimiser step, averaged over MoE layers: `history` holds one entry per
     step; `log_metrics()` gives the mean since it was last called (LifelongTrainer logs it)."""
@@ -383,7 +378,7 @@ class RoutingStatsCallback(TrainerCallback):
         self.counter.reset()
 
     def on_step_end(self, args, state, control, **kwargs):
-        per_layer = {k: max_violation(v) for k, v in self.counter.totals().items()}
+        per_layer = {k: float(max_vio(v)) for k, v in self.counter.totals().items() if v.sum() > 0}
         if per_layer:
             mean = sum(per_layer.values()) / len(per_layer)
             self.history.append({"step": state.global_step, "maxvio_batch": mean, "per_layer": per_layer})

@@ -10,11 +10,8 @@ import re
 
 import pytest
 import torch
-import typer
-from typer.testing import CliRunner
 
 from moekit.checkpoint import open_checkpoint
-from moekit.commands.train import train_command
 from moekit.training import kd_loss, switch_aux_loss
 from tests.conftest import Run, run_moekit
 from tests.test_upcycle import load
@@ -24,13 +21,8 @@ EXPERTS_FIELD = {"mixtral": "num_local_experts", "granitemoe": "num_local_expert
 TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog, {i * 7} times." for i in range(60))
 
 
-def train(*args: str) -> Run:
-    """`moekit train ...` through the real command (registered here until cli.py carries it)."""
-    app = typer.Typer()
-    app.callback()(lambda: None)  # a group, so the command is named as on the real CLI
-    app.command("train")(train_command)
-    r = CliRunner().invoke(app, ["train", *map(str, args)], catch_exceptions=False)
-    return Run(r.exit_code, r.stdout, r.stderr)
+def train(*args) -> Run:
+    return run_moekit("train", *map(str, args))
 
 
 def manifest_for(names, old: int, layers: range) -> dict:
