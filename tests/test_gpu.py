@@ -32,3 +32,11 @@ def test_split_partitions_on_cuda(tiny_models, tmp_path, calib, method):
     run_moekit("split-granularity", str(src), str(tmp_path / "fine"), "-g", "4", "--partition", method,
                "--device", "cuda", "--calibration", str(calib), "--calibration-tokens", "500", check=True)
     assert max_rel_error(src, tmp_path / "fine", 128, seed=2) <= 1e-5
+
+
+def test_add_experts_kmeans_on_cuda(tiny_models, tmp_path, calib):
+    """Counting and clustering on the GPU, router rows written from the CPU side."""
+    src = with_char_tokenizer(tiny_models("glm4_moe"), tmp_path / "src")
+    run_moekit("add-experts", str(src), str(tmp_path / "g"), "-m", "2", "--router-init", "kmeans",
+               "--calibration", str(calib), "--calibration-tokens", "500", "--device", "cuda", "--drift-tokens", "256",
+               check=True)

@@ -136,3 +136,15 @@ def test_counts_from_a_real_profile_report(tiny_models, tmp_path):
     counts = next(r["tokens_per_expert"] for r in report["layers"] if r["layer"] == 0)
     donor = json.loads((tmp_path / "g" / "moekit.json").read_text())["layers"][0]["copied_from"][0]
     assert counts[donor] == max(counts)
+
+
+def test_kmeans_rows_take_the_old_rows_norm(tiny_models, tmp_path):
+    """New k-means rows as long as the old ones on average: neither silent nor taking every token."""
+    src = with_char_tokenizer(tiny_models("mixtral"), tmp_path / "src")
+    calib = tmp_path / "new.txt"
+    calib.write_text("\n\n".join(f"{i} zz qq {'xy' * (i % 5)}" for i in range(60)))
+    grow(src, tmp_path / "g", "-m", "2", "--copy-from", "0", "--router-init", "kmeans", "--calibration", str(calib),
+         "--calibration-tokens", "400", "--drift-tokens", "0")
+    rows = open_checkpoint(tmp_path / "g").load("model.layers.0.block_sparse_moe.gate.weight")
+    old_norm = rows[:4].norm(dim=1).mean()
+    assert torch.allclose(rows[4:].norm(dim=1), old_norm.expand(2), rtol=1e-5)
