@@ -597,6 +597,9 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
 
     start = time.perf_counter()
     ckpt = check_run(source, output, manifest, overwrite)
+    examples = mix_rows(new, replay, opts.replay_ratio, opts.seed)
+    if len(examples) < opts.batch_size:
+        raise MoekitError(f"only {len(examples)} row(s) of {opts.seq_len} tokens of data, fewer than --batch-size {opts.batch_size}")
     hf_logging.set_verbosity_error()
 
     work = tempfile.TemporaryDirectory(prefix="moekit-train-")  # Trainer wants a folder; it saves nothing there
@@ -629,9 +632,6 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     if on_log:
         callbacks.append(_LogTo(on_log))
 
-    examples = mix_rows(new, replay, opts.replay_ratio, opts.seed)
-    if len(examples) < opts.batch_size:
-        raise MoekitError(f"only {len(examples)} row(s) of {opts.seq_len} tokens of data, fewer than --batch-size {opts.batch_size}")
     config = model.config
     fields = MOE_CONFIG.get(config.model_type)
     trainer = LifelongTrainer(
