@@ -43,7 +43,8 @@ def train_command(
     `--kd-weight` distils from the model as it was (Lifelong-MoE); `--aux-loss-coef` adds the
     Switch balance loss; GLM-4.5/DeepSeek-V3-family routers get loss-free bias balancing. MaxVio_batch
     is logged. OUTPUT has the input's tensor names, config.json and tokenizer files: stock
-    transformers 4.57 and 5.x load it. Multi-GPU: `accelerate launch -m moekit train ...`.
+    transformers 4.57 and 5.x load it. Multi-GPU (DDP, one process per GPU):
+    `accelerate launch -m moekit train ...`
 
     Examples:
 
