@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-rows", type=int, default=64)
     ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--router-init", default="kmeans", help="add-experts' new router rows: kmeans (on French), zero, copy")
     ap.add_argument("--deadline", type=float, default=1e9, help="no recipe starts that would end after this (seconds)")
     args = ap.parse_args()
     start = time.time()
@@ -108,7 +109,7 @@ def main() -> None:
     if not grown.exists():
         moekit("convert", args.source, str(dense), "--dtype", "bfloat16")
         moekit("upcycle", str(dense), str(moe), "-n", "4", "-k", "2", "--dtype", "bfloat16")
-        moekit("add-experts", str(moe), str(grown), "-m", "2", "--router-init", "kmeans",
+        moekit("add-experts", str(moe), str(grown), "-m", "2", "--router-init", args.router_init,
                "--calibration", str(args.data / "fr_train.txt"), "--drift-tokens", "4096", "--device", "cpu")
     tok = load_tokenizer(grown)
     fr = rows(args.data / "fr_train.txt", tok, args.seq_len)
