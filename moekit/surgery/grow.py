@@ -103,9 +103,8 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
 
     def router(i: int, donor: list[int]) -> torch.Tensor:
         w = reader.load(target.router.format(i=i)).float()
-        if router_init == "kmeans":  # centroid directions at the old rows' mean norm: they compete on equal terms
+        if router_init == "kmeans":  # calibrated against the old rows by the caller (moekit.grow)
             added = rows[i].cpu().float()
-            added = added / added.norm(dim=1, keepdim=True) * w.norm(dim=1).mean()
         elif router_init == "zero":
             added = torch.zeros(m, hidden)
         elif init in ("copy", "drop-upcycling"):
