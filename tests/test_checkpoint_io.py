@@ -312,3 +312,13 @@ def test_shards_end_before_the_safetensors_header_limit():
     shards = plan_shards(plan, 10**12)
     assert len(shards) > 1 and sum(len(s.tensors) for s in shards) == len(plan)
     assert all(len(s.header()) < MAX_HEADER_BYTES * 1.1 < 100_000_000 for s in shards)
+
+
+def test_output_may_sit_beside_a_gguf_file_but_not_replace_its_folder(tmp_path):
+    from moekit.checkpoint.writer import check_target
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    check_target(tmp_path / "out", [gguf], overwrite=False)  # beside the file: fine
+    with pytest.raises(UsageError, match="contains the source"):
+        check_target(tmp_path, [gguf], overwrite=True)

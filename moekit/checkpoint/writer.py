@@ -92,8 +92,8 @@ def check_target(target: Path, sources: list[Path], overwrite: bool) -> None:
     target = target.expanduser().resolve()
     for src in sources:
         src = src.resolve()
-        src_dir = src if src.is_dir() else src.parent
-        if target == src_dir or src_dir in target.parents:
+        # A folder source may not hold the output; a file source (.gguf) may sit beside it.
+        if target == src or (src.is_dir() and src in target.parents):
             raise UsageError(f"output {target} is the source or inside it; choose a folder elsewhere")
         if target in src.parents:
             raise UsageError(f"output {target} contains the source {src}; choose another folder")
