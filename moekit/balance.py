@@ -37,11 +37,17 @@ def check_balanceable(config: dict) -> None:
 
 
 @torch.no_grad()
-def calibrate_bias(model, moe: MoEModel, batches: list[torch.Tensor], steps: int, rate: float,
+def calibrate_bias(model, moe: MoEModel, batches: list[torch.Tensor], steps: int, rate: float, adaptive: bool = True,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
     """Run `steps` batches (cycling through `batches`) and update every layer's bias after each.
-    Returns the calibrated biases by checkpoint key, fp32 on the CPU; the model keeps them."""
-    biases = {}
+    Returns the calibrated biases by checkpoint key, fp32 on the CPU; the model keeps them.
+
+    Fixed (DeepSeek): every step is `rate`. Adaptive: `rate` is the largest step; each expert's
+    step grows ×1.2 while its direction holds and halves when it flips (Rprop). Where sigmoid
+    scores saturate, experts differ by 1e-5 or less and a fixed 1e-3 only flips the ranking to
+    and fro; the adaptive step shrinks to the scale that balances them.
+    """
+    layers = []
     for layer in moe.layers:
         if not hasattr(layer.router, BIAS):
             raise MoekitError(f"{layer.name} has no {BIAS}")
@@ -49,17 +55,22 @@ def calibrate_bias(model, moe: MoEModel, batches: list[torch.Tensor], steps: int
         # (transformers 4.57 casts buffers to the model dtype; bf16 would swallow steps of 1e-3).
         bias = getattr(layer.router, BIAS).detach().float().clone()
         setattr(layer.router, BIAS, bias)
-        biases[f"{layer.name}.{BIAS}"] = (layer.index, bias)
+        layers.append((layer, bias, torch.full_like(bias, rate), torch.zeros_like(bias)))
     device = input_device(model)
     with RouterCounter(moe) as counter:
         for step in range(steps):
             model.model(input_ids=batches[step % len(batches)].to(device), use_cache=False)
-            for index, bias in biases.values():
-                load = counter.last_counts[index]
-                bias.add_(rate * torch.sign(load.mean() - load))
+            for layer, bias, size, last in layers:
+                load = counter.last_counts[layer.index]
+                direction = torch.sign(load.mean() - load).float()
+                if adaptive:
+                    agree = direction * last
+                    size.mul_(torch.where(agree > 0, 1.2, torch.where(agree < 0, 0.5, 1.0))).clamp_(max=rate)
+                    last.copy_(direction)
+                bias.add_(size * direction)
             if progress:
                 progress(step + 1, steps)
-    return {name: bias.cpu() for name, (_, bias) in biases.items()}
+    return {f"{layer.name}.{BIAS}": bias.cpu() for layer, bias, _, _ in layers}
 
 
 def write_balanced(ckpt: Checkpoint, output: Path, biases: dict[str, torch.Tensor], *, options: dict,

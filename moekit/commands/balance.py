@@ -20,7 +20,8 @@ def balance_command(
     data: Annotated[Path, typer.Option(help="Calibration text (.txt, or .jsonl with a \"text\" field).", show_default=False)],
     rate: Annotated[float, typer.Option(min=1e-9, help="Bias update speed u in b_i += u·sign(c̄ − c_i).")] = 1e-3,
     steps: Annotated[int, typer.Option(min=1, help="Bias updates, one per batch (the calibration batches repeat when fewer).")] = 300,
-    eval_data: Annotated[Optional[Path], typer.Option(help="Held-out text for MaxVio before and after. [default: the last quarter of --data's sequences]", show_default=False)] = None,
+    fixed_rate: Annotated[bool, typer.Option("--fixed-rate", help="Every step is --rate (DeepSeek's rule as published). Default: --rate is the largest step; an expert's step halves when its direction flips, so saturated sigmoid routers settle too.")] = False,
+    eval_data: Annotated[Optional[Path], typer.Option(help="Held-out text for MaxVio before and after. [default: a random quarter of --data's sequences]", show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens of --data (and of --eval-data) to use.")] = 65536,
     batch_size: BatchOpt = 4,
     seq_len: SeqLenOpt = 256,
@@ -32,8 +33,9 @@ def balance_command(
     """Balance a sigmoid-routed MoE (GLM-4.5, DeepSeek-V3, dots1) without training: calibrate
     its `e_score_correction_bias` by DeepSeek's loss-free balancing and write a copy.
 
-    After each batch of --data every layer's bias moves by --rate towards the starved experts:
-    b_i += u·sign(c̄ − c_i), no gradients, bias in fp32. Which experts a token goes to changes;
+    After each batch of --data every layer's bias moves towards the starved experts:
+    b_i += u·sign(c̄ − c_i), no gradients, bias in fp32; u is --rate, or with the default adaptive
+    step at most --rate, halved for an expert whose direction flips. Which experts a token goes to changes;
     the weights it gets from them do not. Reports MaxVio_global on held-out text before and after
     (DeepSeek's loss-free balancing reaches about 0.04). Other routing families have no such bias
     and are refused.
@@ -43,6 +45,8 @@ def balance_command(
         moekit balance ./smollm2-glm ./smollm2-glm-balanced --data calib.txt
         moekit balance ./glm ./glm-bal --data web.jsonl --eval-data held.jsonl --steps 500 --device cuda
     """
+    import torch
+
     from moekit.balance import BIAS, calibrate_bias, check_balanceable, write_balanced
     from moekit.checkpoint import open_checkpoint
     from moekit.checkpoint.writer import check_target
@@ -56,6 +60,9 @@ def balance_command(
     check_target(output, [ckpt.path], overwrite)  # before minutes of calibration, not after
     tokenizer = load_tokenizer(model)
     rows = token_rows(read_text_file(data), tokenizer, seq_len, max_tokens, str(data))
+    # Shuffled (seeded): consecutive sequences come from the same document, and a bias that
+    # chases one document per batch does not balance the whole text.
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     if eval_data:
         held = token_rows(read_text_file(eval_data), tokenizer, seq_len, max_tokens, str(eval_data))
     elif len(rows) < 2:
@@ -71,7 +78,7 @@ def balance_command(
     with batch_progress("MaxVio before", not json_output) as progress:
         before = profile(loaded, held_out, progress=progress)
     with batch_progress("calibrating", not json_output) as progress:
-        biases = calibrate_bias(loaded, moe, list(rows.split(batch_size)), steps, rate, progress)
+        biases = calibrate_bias(loaded, moe, list(rows.split(batch_size)), steps, rate, not fixed_rate, progress)
     with batch_progress("MaxVio after", not json_output) as progress:
         after = profile(loaded, held_out, progress=progress)
 
@@ -84,6 +91,7 @@ def balance_command(
                "worst_layer_before": max(x["maxvio_before"] for x in layers), "worst_layer_after": max(x["maxvio_after"] for x in layers),
                "steps": steps, "rate": rate, "calibration_tokens": rows.numel(), "held_out_tokens": held.numel()}
     options = {"data": str(data), "eval_data": str(eval_data) if eval_data else None, "rate": rate, "steps": steps,
+               "fixed_rate": fixed_rate,
                "max_tokens": max_tokens, "batch_size": batch_size, "seq_len": seq_len, "dtype": str(torch_dtype)}
     with byte_progress("writing", not json_output) as progress:
         result = write_balanced(ckpt, output, biases, options=options, layers=layers, summary=summary,
