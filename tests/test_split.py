@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -125,9 +126,11 @@ def test_unknown_moe_refused(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_dense_to_8x2_to_32x8_and_dense_to_g8(smollm2, tmp_path):
-    upcycle(smollm2, tmp_path / "8x2", "-n", "8", "-k", "2")
-    split(tmp_path / "8x2", tmp_path / "32x8", "-g", "4", "--partition", "kmeans")
-    assert max_rel_error(smollm2, tmp_path / "32x8", 49152, seed=12, shape=(4, 128)) <= 1e-5
+def test_smollm2_dense_to_4x2_to_16x8_and_dense_to_g8(smollm2, tmp_path):
+    upcycle(smollm2, tmp_path / "4x2", "-n", "4", "-k", "2")
+    split(tmp_path / "4x2", tmp_path / "16x8", "-g", "4", "--partition", "kmeans")
+    assert max_rel_error(smollm2, tmp_path / "16x8", 49152, seed=12, shape=(4, 128)) <= 1e-5
+    for done in ("4x2", "16x8"):  # 1.5 GB of fp32 each; CI disks are small
+        shutil.rmtree(tmp_path / done)
     split(smollm2, tmp_path / "g8", "-g", "8")
     assert max_rel_error(smollm2, tmp_path / "g8", 49152, seed=13, shape=(4, 128)) <= 1e-5
