@@ -162,31 +162,36 @@ def output(cmd: list[str]) -> str:
     return subprocess.run(cmd, check=False, capture_output=True, text=True).stdout.strip()
 
 
-def tools_for(name: str, src: Path, experts: int, work: Path) -> dict:
-    """label -> function(out folder) giving the command; the cp rows copy this round's moekit output."""
-    def moekit_out() -> str:
-        return str(max(work.glob(f"{name}-moekit-*")))
+def copy_rows() -> dict:
+    """The two `cp` rows: copy the output the suite's first tool wrote this round."""
+    return {"cp -r": lambda out, first: ["cp", "-r", str(first), str(out)],
+            "cp -r + sync": lambda out, first: ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', str(first), str(out)]}
 
-    return {"moekit upcycle": lambda out: [MOEKIT, "upcycle", str(src), str(out), "--experts", str(experts),
-                                           "--top-k", "2", "--dtype", "bfloat16"],
-            "cp -r": lambda out: ["cp", "-r", moekit_out(), str(out)],
-            "cp -r + sync": lambda out: ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', moekit_out(), str(out)]}
+
+def tools_for(src: Path, experts: int) -> dict:
+    """label -> function(out folder, first tool's out folder) giving the command."""
+    return {"moekit upcycle": lambda out, first: [MOEKIT, "upcycle", str(src), str(out), "--experts", str(experts),
+                                                  "--top-k", "2", "--dtype", "bfloat16"], **copy_rows()}
 
 
 def bench(name: str, src: Path, tools: dict, runs: int, work: Path, quiet_s: float) -> dict:
+    """Run every tool `runs` times, interleaved; the first tool's output stays until the next
+    round (the cp rows copy it), every other output is deleted once measured."""
     results = {label: [] for label in tools}
+    first_label = next(iter(tools))
     for r in range(runs):
-        rmtree(*work.glob(f"{name}-moekit-*"))  # the last round's output, kept for its cp rows
+        first = work / f"{name}-first-{r}"
+        rmtree(*work.glob(f"{name}-first-*"))
         for label, make_cmd in tools.items():
-            out = work / f"{name}-{label.split()[0]}-{r}"
+            out = first if label == first_label else work / f"{name}-other-{r}"
             wait_quiet(quiet_s)
-            warm(src, *work.glob(f"{name}-moekit-*"))
-            res = measure(make_cmd(out), work / f"{name}.log")
+            warm(src, *work.glob(f"{name}-first-*"))
+            res = measure(make_cmd(out, first), work / f"{name}.log")
             results[label].append(res)
-            print(f"  {name} run {r + 1}/{runs} {label:16s}" + (res.get("error") or
+            print(f"  {name} run {r + 1}/{runs} {label:22s}" + (res.get("error") or
                   f"{res['wall_s']:7.2f} s wall {res['cpu_s']:7.2f} s cpu {res['rss_mb']:8.1f} MB"
                   f"  others {res['others']:.2f}"), flush=True)
-            if not label.startswith("moekit"):
+            if out != first:
                 rmtree(out)
     summary = {}
     for label, rs in results.items():
@@ -217,14 +222,14 @@ def main() -> None:
     suites = {}
     try:
         src = smollm2_source()
-        tools = tools_for("small", src, 8, work)
+        tools = tools_for(src, 8)
         if args.skip_mergekit:
             info["mergekit"] = "skipped (--skip-mergekit)"
         else:
             exe, why = mergekit_moe()
             if exe:
                 cfg = mergekit_config(src, work / "mergekit.yml")
-                tools["mergekit-moe"] = lambda out: [exe, str(cfg), str(out), "--random-seed", "0", "--quiet",
+                tools["mergekit-moe"] = lambda out, first: [exe, str(cfg), str(out), "--random-seed", "0", "--quiet",
                                                      "--i-understand-this-is-not-useful-without-training"]
                 info["mergekit"] = output([str(MERGEKIT_VENV / "bin" / "python"), "-c",
                                            "import importlib.metadata as m; print(m.version('mergekit'))"])
@@ -236,7 +241,7 @@ def main() -> None:
         if args.big:
             print("random 1B Llama bf16 → Mixtral 4 experts top-2 bf16")
             big = build_big_llama(work / "llama-1b")
-            suites["big"] = bench("big", big, tools_for("big", big, 4, work), args.runs, work, args.quiet_wait)
+            suites["big"] = bench("big", big, tools_for(big, 4), args.runs, work, args.quiet_wait)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     info["loadavg_end"] = os.getloadavg()

@@ -355,6 +355,27 @@ def test_counting_never_waits_for_the_gpu(moe_models):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_cli_under_torchrun_on_two_gpus(glm, texts, tmp_path):
+    """The real CLI, data-parallel over NCCL, one GPU per process: the report equals one GPU's."""
+    import subprocess
+    import sys
+
+    args = [glm, "--data", texts / "code.txt", "--data", texts / "prose.txt", "--max-tokens", 512, "--seq-len", 64,
+            "--batch-size", 2, "--device", "cuda", "--dtype", "fp32"]
+    one = profile_app(*args, "--json", tmp_path / "one.json")
+    assert one.exit_code == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "moekit", "profile", *map(str, args), "--json", str(tmp_path / "two.json")],
+                         check=False, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (a["processes"], b["processes"]) == (1, 2) and (a["tokens"], a["batches"]) == (b["tokens"], b["batches"])
+    assert [x["tokens_per_expert"] for x in a["layers"]] == [x["tokens_per_expert"] for x in b["layers"]]
+    assert [x["domains"] for x in a["layers"]] == [x["domains"] for x in b["layers"]]
+
+
+@pytest.mark.gpu
 @needs_cuda
 def test_device_map_auto_on_cuda(moe_models):
     path = moe_models("qwen2_moe")

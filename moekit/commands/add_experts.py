@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 import typer
 
 from moekit.commands.common import (CalibrationOpt, CalibrationTokensOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxShardOpt,
-                                    MaybeOverwriteOpt, PickleOpt, RecipeOpt, SeedOpt, byte_progress, err,
-                                    handle_errors, print_json)
+                                    MaybeOverwriteOpt, PickleOpt, RecipeOpt, SeedOpt, handle_errors,
+                                    run_surgery)
 
 
 @handle_errors
@@ -60,17 +60,15 @@ def add_experts_command(
         device=device, overwrite=overwrite, allow_pickle=allow_pickle or None))
     from moekit.grow import run_add_experts
 
-    with byte_progress("adding experts", not json_output) as progress:
-        result, summary = run_add_experts(opts, progress)
-    for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {w}")
-    if json_output:
-        print_json(summary)
-        return
-    err.print(f"[green]wrote[/] {result.path}: {summary['old_experts']} → {summary['experts']} experts × top-{summary['top_k']} "
-              f"({summary['target']}) in {summary['moe_layers']} layers; {summary['trainable_tensors']} tensors trainable "
-              f"in the freeze manifest")
+    run_surgery("adding experts", run_add_experts, opts, json_output, describe_growth)
+
+
+def describe_growth(result, summary: dict) -> list[str]:
+    lines = [f"[green]wrote[/] {result.path}: {summary['old_experts']} → {summary['experts']} experts × "
+             f"top-{summary['top_k']} ({summary['target']}) in {summary['moe_layers']} layers; "
+             f"{summary['trainable_tensors']} tensors trainable in the freeze manifest"]
     if "drift" in summary:
         d = summary["drift"]
-        err.print(f"drift at init on {d['tokens']:,} tokens of {d['text']}: max rel. logit error {d['max_rel_error']:.3g}, "
-                  f"top-1 agreement {d['top1_agreement']:.2%}, KL {d['kl_per_token']:.3g}/token")
+        lines.append(f"drift at init on {d['tokens']:,} tokens of {d['text']}: max rel. logit error "
+                     f"{d['max_rel_error']:.3g}, top-1 agreement {d['top1_agreement']:.2%}, KL {d['kl_per_token']:.3g}/token")
+    return lines

@@ -83,5 +83,19 @@ def byte_progress(label: str, enabled: bool = True):
         yield update
 
 
+def run_surgery(label: str, job, opts, json_output: bool, describe) -> None:
+    """What the writing commands share after parsing: `job(opts, progress)` under a progress bar,
+    its warnings, then its summary as JSON on stdout or as the lines `describe(result, summary)` gives."""
+    with byte_progress(label, not json_output) as progress:
+        result, summary = job(opts, progress)
+    for w in result.warnings + ([summary["note"]] if "note" in summary else []):
+        err.print(f"[yellow]warning:[/] {w}")
+    if json_output:
+        print_json(summary)
+    else:
+        for line in describe(result, summary):
+            err.print(line)
+
+
 def print_json(data) -> None:
     out.print_json(json.dumps(data, default=str))

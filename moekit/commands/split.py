@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 import typer
 
 from moekit.commands.common import (CalibrationOpt, CalibrationTokensOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxShardOpt,
-                                    MaybeOverwriteOpt, PickleOpt, RecipeOpt, SeedOpt, byte_progress, err,
-                                    handle_errors, print_json)
+                                    MaybeOverwriteOpt, PickleOpt, RecipeOpt, SeedOpt, handle_errors,
+                                    run_surgery)
 
 
 @handle_errors
@@ -53,13 +53,7 @@ def split_command(
         overwrite=overwrite, allow_pickle=allow_pickle or None))
     from moekit.split import run_split
 
-    with byte_progress("splitting", not json_output) as progress:
-        result, summary = run_split(opts, progress)
-    for w in result.warnings + ([summary["note"]] if "note" in summary else []):
-        err.print(f"[yellow]warning:[/] {w}")
-    if json_output:
-        print_json(summary)
-    else:
-        err.print(f"[green]wrote[/] {result.path}: {summary['from']} → {summary['experts']} experts × top-{summary['top_k']} "
-                  f"({summary['target']}, G={summary['granularity']}, {summary['partition']}) in {summary['moe_layers']} layers, "
-                  f"{result.bytes_written / 1e6:,.1f} MB in {result.seconds:.1f} s ({result.mb_per_s:,.0f} MB/s)")
+    run_surgery("splitting", run_split, opts, json_output, lambda result, summary: [
+        f"[green]wrote[/] {result.path}: {summary['from']} → {summary['experts']} experts × top-{summary['top_k']} "
+        f"({summary['target']}, G={summary['granularity']}, {summary['partition']}) in {summary['moe_layers']} layers, "
+        f"{result.bytes_written / 1e6:,.1f} MB in {result.seconds:.1f} s ({result.mb_per_s:,.0f} MB/s)"])

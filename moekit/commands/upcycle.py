@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 import typer
 
 from moekit.commands.common import (CalibrationOpt, CalibrationTokensOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxShardOpt,
-                                    MaybeOverwriteOpt, PickleOpt, RecipeOpt, SeedOpt, byte_progress, err,
-                                    handle_errors, print_json)
+                                    MaybeOverwriteOpt, PickleOpt, RecipeOpt, SeedOpt, handle_errors,
+                                    run_surgery)
 
 
 @handle_errors
@@ -59,14 +59,8 @@ def upcycle_command(
         max_shard_size=max_shard_size, seed=seed, device=device, overwrite=overwrite, allow_pickle=allow_pickle or None))
     from moekit.upcycle import run_upcycle
 
-    with byte_progress("upcycling", not json_output) as progress:
-        result, summary = run_upcycle(opts, progress)
-    for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {w}")
-    if json_output:
-        print_json(summary)
-    else:
-        err.print(f"[green]wrote[/] {result.path}: {summary['experts']} experts × top-{summary['top_k']} "
-                  f"({summary['target']}) in {summary['moe_layers']} layers, params {summary['params_total'] / 1e6:,.1f}M total / "
-                  f"{summary['params_active'] / 1e6:,.1f}M active, {result.bytes_written / 1e6:,.1f} MB "
-                  f"in {result.seconds:.1f} s ({result.mb_per_s:,.0f} MB/s)")
+    run_surgery("upcycling", run_upcycle, opts, json_output, lambda result, summary: [
+        f"[green]wrote[/] {result.path}: {summary['experts']} experts × top-{summary['top_k']} "
+        f"({summary['target']}) in {summary['moe_layers']} layers, params {summary['params_total'] / 1e6:,.1f}M total / "
+        f"{summary['params_active'] / 1e6:,.1f}M active, {result.bytes_written / 1e6:,.1f} MB "
+        f"in {result.seconds:.1f} s ({result.mb_per_s:,.0f} MB/s)"])
