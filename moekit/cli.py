@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Annotated
 
 import typer
@@ -70,4 +72,16 @@ def _interrupt_on_sigterm(signum, frame):
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)  # same clean-up as Ctrl-C
-    app()
+    code = 0
+    try:
+        app()
+    except SystemExit as done:
+        code = done.code or 0
+    if not isinstance(code, int):  # sys.exit("message"): what Python would print
+        print(code, file=sys.stderr)
+        code = 1
+    # Every file is written, fsynced and closed by now; skipping the interpreter's teardown saves
+    # the ~0.5 s torch's finalisers take (a third of a small upcycle's own work).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
