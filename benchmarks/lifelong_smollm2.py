@@ -24,9 +24,11 @@ import torch
 from safetensors import safe_open
 
 from moekit.hf import load_model, load_tokenizer
+from moekit.profile import Domain, profile
 from moekit.surgery.router_init import encode, read_text_file
 from moekit.training import TrainOptions, kd_loss, mean_token_loss, read_manifest, train_model
 
+OLD_EXPERTS = 4  # upcycled to 4 experts, then 2 added
 # name -> (freeze manifest?, replay English?, KD weight); in order of importance (a deadline may cut the tail)
 RECIPES = {
     "lifelong": (True, True, 1.0),  # frozen base, new experts learn; KD from the old model on English replay rows
@@ -49,10 +51,12 @@ def moekit(*args: str) -> None:
 
 
 def evaluate(folder: Path, evals: dict[str, list[list[int]]], reference=None) -> dict[str, float]:
-    """Held-out loss per domain; with the model before training as `reference`, also how far the
-    old domain's predictions moved: KL(before ‖ after) per token and top-1 agreement on A."""
+    """Held-out loss per domain, and the share of routed slots the added experts take in each;
+    with the model before training as `reference`, also how far the old domain's predictions
+    moved: KL(before ‖ after) per token and top-1 agreement on A."""
     model, _ = load_model(folder, torch.float32, "auto")
     out = {k: mean_token_loss(model, v, batch_size=16) for k, v in evals.items()}
+    out.update(new_expert_share(model, evals))
     if reference is not None:
         kl = agree = 0.0
         with torch.no_grad():
@@ -66,6 +70,16 @@ def evaluate(folder: Path, evals: dict[str, list[list[int]]], reference=None) ->
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
+
+
+def new_expert_share(model, evals: dict[str, list[list[int]]]) -> dict[str, float]:
+    """Per domain, the share of routed slots (all MoE layers) that go to experts ≥ OLD_EXPERTS."""
+    report = profile(model, [Domain(name, list(torch.tensor(v).split(16))) for name, v in evals.items()])
+    shares = {}
+    for name in evals:
+        counts = [layer["domains"][name]["tokens_per_expert"] for layer in report["layers"]]
+        shares[f"{name}_new_share"] = sum(sum(c[OLD_EXPERTS:]) for c in counts) / sum(sum(c) for c in counts)
+    return shares
 
 
 def frozen_check(before: Path, after: Path, manifest: dict) -> dict:
@@ -108,7 +122,7 @@ def main() -> None:
     dense, moe, grown = work / "smollm2", work / "smollm2-4x2", work / "smollm2-6x2"
     if not grown.exists():
         moekit("convert", args.source, str(dense), "--dtype", "bfloat16")
-        moekit("upcycle", str(dense), str(moe), "-n", "4", "-k", "2", "--dtype", "bfloat16")
+        moekit("upcycle", str(dense), str(moe), "-n", str(OLD_EXPERTS), "-k", "2", "--dtype", "bfloat16")
         moekit("add-experts", str(moe), str(grown), "-m", "2", "--router-init", args.router_init,
                "--calibration", str(args.data / "fr_train.txt"), "--drift-tokens", "4096", "--device", "cpu")
     tok = load_tokenizer(grown)
