@@ -35,19 +35,20 @@ def upcycled_source() -> Path:
     return src
 
 
-def split_tools(src: Path) -> dict:
+def split_tools(src: Path, partitions: list[str]) -> dict:
     def split(partition: str):
         return lambda out, first: [MOEKIT, "split-granularity", str(src), str(out), "-g", "4", "--partition", partition,
                                    "--device", "cpu"]
 
     return {"moekit split contiguous": split("contiguous"), **copy_rows(),
-            "moekit split kmeans": split("kmeans"), "moekit split coactivation": split("coactivation")}
+            **{f"moekit split {p}": split(p) for p in partitions}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--partitions", default="kmeans,coactivation", help="partitions timed beside contiguous")
     ap.add_argument("--quiet-wait", type=float, default=60, help="seconds to wait for an idle machine before each run")
     args = ap.parse_args()
     src = upcycled_source()
@@ -55,14 +56,14 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` deletes the outputs
     try:
         print("SmolLM2-135M 8x2 bf16 → split G=4: 32 experts top-8 bf16")
-        rows = bench("split", src, split_tools(src), args.runs, work, args.quiet_wait)
+        rows = bench("split", src, split_tools(src, [p for p in args.partitions.split(",") if p]), args.runs, work, args.quiet_wait)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     wall = {label: r.get("wall_s") for label, r in rows.items()}
     base = wall["moekit split contiguous"]
     ratios = {"moekit split/cp time": base / wall["cp -r"], "moekit split/(cp+sync) time": base / wall["cp -r + sync"],
-              "kmeans partition cost s": wall["moekit split kmeans"] - base,
-              "coactivation partition cost s": wall["moekit split coactivation"] - base}
+              **{f"{label.split()[-1]} partition cost s": wall[label] - base for label in wall
+                 if label.startswith("moekit split") and label != "moekit split contiguous"}}
     print(f"\nmedians of {args.runs} runs")
     for label, r in rows.items():
         print(f"  {label:26s} {r['wall_s']:7.2f} s wall {r['cpu_s']:7.2f} s cpu {r['rss_mb']:8.1f} MB")

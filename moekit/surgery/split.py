@@ -8,6 +8,8 @@ child's down projection is scaled by `child_weight_factor` so routing weights ad
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -68,7 +70,7 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
     states = hidden_states(moe_layers) if method == "coactivation" else {}  # forward passes: options are valid now
     factor = child_weight_factor(target.routing, cfg, G)
     out_dtype = dtype or ckpt.meta(target.router.format(i=moe_layers[0])).dtype
-    child = width // G
+    child, hidden = width // G, cfg["hidden_size"]
 
     @lru_cache(maxsize=4)
     def permutation(i: int, e: int) -> torch.Tensor:
@@ -81,17 +83,33 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
             return partition.kmeans(gate, up, G, seed=seed + i).cpu()
         return partition.coactivation(gate, up, states[i], G, seed=seed + i).cpu()
 
+    @lru_cache(maxsize=1)
+    def permuted(i: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert e in partition order and the output dtype, laid out so that every child is a
+        contiguous slice: gate/up rows as they are, down as [G, H, I/G] blocks. One gather, one
+        copy and one cast per expert, not per child."""
+        gate, up, down = reader.expert(i, e)
+        if method != "contiguous":
+            perm = permutation(i, e)
+            gate, up, down = gate[perm], up[perm], down[:, perm]
+        return gate.to(out_dtype), up.to(out_dtype), down_blocks(down)
+
+    def down_blocks(down: torch.Tensor) -> torch.Tensor:
+        columns = down.reshape(hidden, G, child).transpose(0, 1)  # block g = child g's columns
+        blocks = torch.empty((G, hidden, child), dtype=out_dtype)
+        if factor == 1.0 or (down.dtype == out_dtype and math.log2(factor).is_integer()):
+            blocks.copy_(columns)
+            return blocks.mul_(factor)  # exact: a power of two only moves the exponent
+        # the factor goes on the output side (act(gate x) is not homogeneous); one rounding
+        return blocks.copy_(columns.float() * factor)
+
     def child_tensor(i: int, e: int, g: int, proj: str) -> torch.Tensor:
-        idx = permutation(i, e)[g * child:(g + 1) * child]
-        w = reader.expert(i, e)[PROJS.index(proj)]
-        if proj == "down":  # the factor goes on the output side: act(gate x) is not homogeneous
-            return (w[:, idx].float() * factor).to(out_dtype)
-        return w[idx].to(out_dtype)
+        w = permuted(i, e)[PROJS.index(proj)]
+        return w[g] if proj == "down" else w[g * child:(g + 1) * child]
 
     block_names = {i: reader.names(i) for i in moe_layers}
     owner = {name: i for i, names in block_names.items() for name in names}
     outputs, layers, done = [], [], set()
-    hidden = cfg["hidden_size"]
     for meta in ckpt.tensors.values():
         i = owner.get(meta.name)
         if i is None:
