@@ -26,11 +26,21 @@ Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor n
 class OutputTensor:
     meta: TensorMeta
     produce: Callable[[], torch.Tensor]
-    # The output is byte for byte this source tensor: the writer may copy it file to file.
+    # The output is byte for byte this source tensor (or its dim-0 rows [a, b)): the writer may
+    # copy it file to file.
     copy_of: tuple[Checkpoint, str] | None = None
+    rows: tuple[int, int] | None = None
 
     def source_bytes(self) -> tuple[Path, int, int] | None:
-        return self.copy_of[0].byte_range(self.copy_of[1]) if self.copy_of else None
+        if not self.copy_of:
+            return None
+        ckpt, name = self.copy_of
+        where = ckpt.byte_range(name)
+        if where is None or self.rows is None:
+            return where
+        path, start, end = where
+        row = (end - start) // ckpt.meta(name).shape[0]
+        return path, start + self.rows[0] * row, start + self.rows[1] * row
 
 
 def passthrough(ckpt: Checkpoint, meta: TensorMeta, dtype: torch.dtype | None) -> OutputTensor:

@@ -134,3 +134,19 @@ def test_smollm2_dense_to_4x2_to_16x8_and_dense_to_g8(smollm2, tmp_path):
         shutil.rmtree(tmp_path / done)
     split(smollm2, tmp_path / "g8", "-g", "8")
     assert max_rel_error(smollm2, tmp_path / "g8", 49152, seed=13, shape=(4, 128)) <= 1e-5
+
+
+def test_contiguous_children_of_gate_and_up_are_copied_row_ranges(tiny_models):
+    """They reach the writer as byte ranges of the parent's file (copy_file_range), and those
+    bytes are exactly what the computed path would write; down children are computed (scaled)."""
+    from moekit.checkpoint import open_checkpoint
+    from moekit.surgery.split import plan_split
+
+    plan = plan_split(open_checkpoint(tiny_models("mixtral")), 2)
+    copied = [o for o in plan.outputs if o.rows]
+    assert copied and {o.meta.name.rsplit(".", 2)[-2] for o in copied} == {"w1", "w3"}  # gate, up
+    for o in copied:
+        path, start, end = o.source_bytes()
+        with open(path, "rb") as f:
+            f.seek(start)
+            assert f.read(end - start) == o.produce().contiguous().view(torch.uint8).numpy().tobytes(), o.meta.name

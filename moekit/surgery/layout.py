@@ -45,9 +45,17 @@ class ExpertReader:
 
     def expert(self, i: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [I, H], up [I, H], down [H, I]) of expert e in layer i."""
+        return tuple(self.projection(i, e, p) for p in PROJS)
+
+    def projection(self, i: int, e: int, proj: str) -> torch.Tensor:
+        """One of expert e's matrices: gate or up [I, H], down [H, I]."""
         t = self.t
         if t.expert:
-            return tuple(self.load(t.expert.format(i=i, e=e, proj=t.proj[p])) for p in PROJS)
-        gate_up = self.load(t.fused_gate_up.format(i=i))[e]
-        gate, up = gate_up.chunk(2)
-        return gate, up, self.load(t.fused_down.format(i=i))[e]
+            return self.load(self.tensor_name(i, e, proj))
+        if proj == "down":
+            return self.load(t.fused_down.format(i=i))[e]
+        return self.load(t.fused_gate_up.format(i=i))[e].chunk(2)[PROJS.index(proj)]
+
+    def tensor_name(self, i: int, e: int, proj: str) -> str | None:
+        """The tensor that holds exactly this matrix (per-expert layouts), else None."""
+        return self.t.expert.format(i=i, e=e, proj=self.t.proj[proj]) if self.t.expert else None

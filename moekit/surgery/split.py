@@ -78,21 +78,21 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
             return partition.contiguous(width, G)
         if method == "random":
             return partition.random(width, G, seed=seed * 1_000_003 + i * 1009 + e)
-        gate, up = (w.to(device) for w in reader.expert(i, e)[:2])  # clustering runs on the GPU when there is one
+        gate, up = (reader.projection(i, e, p).to(device) for p in ("gate", "up"))  # clustering runs on the GPU when there is one
         if method == "kmeans":
             return partition.kmeans(gate, up, G, seed=seed + i).cpu()
         return partition.coactivation(gate, up, states[i], G, seed=seed + i).cpu()
 
-    @lru_cache(maxsize=1)
-    def permuted(i: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Expert e in partition order and the output dtype, laid out so that every child is a
-        contiguous slice: gate/up rows as they are, down as [G, H, I/G] blocks. One gather, one
-        copy and one cast per expert, not per child."""
-        gate, up, down = reader.expert(i, e)
+    @lru_cache(maxsize=3)
+    def laid_out(i: int, e: int, proj: str) -> torch.Tensor:
+        """One of expert e's matrices in partition order and the output dtype, laid out so that
+        every child is a contiguous slice: gate/up rows as they are, down as [G, H, I/G] blocks.
+        One gather, copy and cast per expert and matrix, not per child."""
+        w = reader.projection(i, e, proj)
         if method != "contiguous":
             perm = permutation(i, e)
-            gate, up, down = gate[perm], up[perm], down[:, perm]
-        return gate.to(out_dtype), up.to(out_dtype), down_blocks(down)
+            w = w[:, perm] if proj == "down" else w[perm]
+        return down_blocks(w) if proj == "down" else w.to(out_dtype)
 
     def down_blocks(down: torch.Tensor) -> torch.Tensor:
         columns = down.reshape(hidden, G, child).transpose(0, 1)  # block g = child g's columns
@@ -104,8 +104,16 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
         return blocks.copy_(columns.float() * factor)
 
     def child_tensor(i: int, e: int, g: int, proj: str) -> torch.Tensor:
-        w = permuted(i, e)[PROJS.index(proj)]
+        w = laid_out(i, e, proj)
         return w[g] if proj == "down" else w[g * child:(g + 1) * child]
+
+    def child_rows(i: int, e: int, g: int, proj: str) -> dict:
+        """The gate/up children of a contiguous split are row ranges of the parent's tensors, byte
+        for byte when the dtype stays: the writer copies them file to file."""
+        name = reader.tensor_name(i, e, proj)
+        if method != "contiguous" or proj == "down" or name is None or ckpt.meta(name).dtype != out_dtype:
+            return {}
+        return {"copy_of": (ckpt, name), "rows": (g * child, (g + 1) * child)}
 
     block_names = {i: reader.names(i) for i in moe_layers}
     owner = {name: i for i, names in block_names.items() for name in names}
@@ -118,7 +126,7 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
         if i in done:
             continue
         done.add(i)
-        outputs += _child_block(target, i, n, G, child, hidden, out_dtype, reader, child_tensor)
+        outputs += _child_block(target, i, n, G, child, hidden, out_dtype, reader, child_tensor, child_rows)
         layers.append({"layer": i, "parents": n, "children": n * G, "granularity": G, "partition": method,
                        "factor": factor,
                        **({} if method == "contiguous" else {"permutations": {e: permutation(i, e).tolist() for e in range(n)}})})
@@ -131,7 +139,7 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
     return SplitPlan(outputs, config, layers, target, n * G, new_k, factor, exact=new_k == k * G)
 
 
-def _child_block(t: Target, i, n, G, child, hidden, dtype, reader, child_tensor) -> list[OutputTensor]:
+def _child_block(t: Target, i, n, G, child, hidden, dtype, reader, child_tensor, child_rows) -> list[OutputTensor]:
     router = t.router.format(i=i)
     block = [OutputTensor(TensorMeta(router, (n * G, hidden), dtype),
                           lambda: reader.load(router).repeat_interleave(G, dim=0).to(dtype))]
@@ -146,7 +154,8 @@ def _child_block(t: Target, i, n, G, child, hidden, dtype, reader, child_tensor)
                 for p in PROJS:
                     name = t.expert.format(i=i, e=e * G + g, proj=t.proj[p])
                     block.append(OutputTensor(TensorMeta(name, shapes[p], dtype),
-                                              lambda e=e, g=g, p=p: child_tensor(i, e, g, p)))
+                                              lambda e=e, g=g, p=p: child_tensor(i, e, g, p),
+                                              **child_rows(i, e, g, p)))
         return block
     pairs = [(e, g) for e in range(n) for g in range(G)]
     block.append(OutputTensor(TensorMeta(t.fused_gate_up.format(i=i), (n * G, 2 * child, hidden), dtype),
