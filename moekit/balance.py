@@ -18,7 +18,7 @@ from moekit.architectures import MOE_CONFIG, SIGMOID_BIASED
 from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from moekit.errors import MoekitError
-from moekit.pipeline import OutputTensor, Progress, WriteResult, write_model
+from moekit.pipeline import OutputTensor, Progress, WriteResult, passthrough, write_model
 from moekit.profile import MoEModel, RouterCounter, input_device
 
 BIAS = "e_score_correction_bias"
@@ -46,6 +46,10 @@ def calibrate_bias(model, moe: MoEModel, batches: list[torch.Tensor], steps: int
     step grows ×1.2 while its direction holds and halves when it flips (Rprop). Where sigmoid
     scores saturate, experts differ by 1e-5 or less and a fixed 1e-3 only flips the ranking to
     and fro; the adaptive step shrinks to the scale that balances them.
+
+    The bias returned (and left in the model) is the mean over the last half of the steps: each
+    step reacts to one batch's counts, so the last iterate carries that batch's noise, and the
+    average of iterates around the balance point does not (Polyak averaging).
     """
     layers = []
     for layer in moe.layers:
@@ -55,12 +59,13 @@ def calibrate_bias(model, moe: MoEModel, batches: list[torch.Tensor], steps: int
         # (transformers 4.57 casts buffers to the model dtype; bf16 would swallow steps of 1e-3).
         bias = getattr(layer.router, BIAS).detach().float().clone()
         setattr(layer.router, BIAS, bias)
-        layers.append((layer, bias, torch.full_like(bias, rate), torch.zeros_like(bias)))
+        layers.append((layer, bias, torch.full_like(bias, rate), torch.zeros_like(bias), torch.zeros_like(bias)))
     device = input_device(model)
+    averaged_from = steps // 2
     with RouterCounter(moe) as counter:
         for step in range(steps):
             model.model(input_ids=batches[step % len(batches)].to(device), use_cache=False)
-            for layer, bias, size, last in layers:
+            for layer, bias, size, last, total in layers:
                 load = counter.last_counts[layer.index]
                 direction = torch.sign(load.mean() - load).float()
                 if adaptive:
@@ -68,9 +73,13 @@ def calibrate_bias(model, moe: MoEModel, batches: list[torch.Tensor], steps: int
                     size.mul_(torch.where(agree > 0, 1.2, torch.where(agree < 0, 0.5, 1.0))).clamp_(max=rate)
                     last.copy_(direction)
                 bias.add_(size * direction)
+                if step >= averaged_from:
+                    total.add_(bias)
             if progress:
                 progress(step + 1, steps)
-    return {f"{layer.name}.{BIAS}": bias.cpu() for layer, bias, _, _ in layers}
+    for _, bias, _, _, total in layers:
+        bias.copy_(total / (steps - averaged_from))
+    return {f"{layer.name}.{BIAS}": bias.cpu() for layer, bias, *_ in layers}
 
 
 def write_balanced(ckpt: Checkpoint, output: Path, biases: dict[str, torch.Tensor], *, options: dict,
@@ -82,7 +91,7 @@ def write_balanced(ckpt: Checkpoint, output: Path, biases: dict[str, torch.Tenso
         if name in biases:
             outputs.append(OutputTensor(TensorMeta(name, meta.shape, torch.float32), lambda b=biases[name]: b))
         else:
-            outputs.append(OutputTensor(meta, lambda n=name: ckpt.load(n)))
+            outputs.append(passthrough(ckpt, meta, None))
     # A checkpoint may lack the biases (transformers then starts them at zero): add them.
     outputs += [OutputTensor(TensorMeta(name, tuple(b.shape), torch.float32), lambda b=b: b)
                 for name, b in biases.items() if name not in ckpt.tensors]
