@@ -35,8 +35,9 @@ def balance_command(
 
     After each batch of --data every layer's bias moves towards the starved experts:
     b_i += u·sign(c̄ − c_i), no gradients, bias in fp32; u is --rate, or with the default adaptive
-    step at most --rate, halved for an expert whose direction flips. Which experts a token goes to changes;
-    the weights it gets from them do not. Reports MaxVio_global on held-out text before and after
+    step at most --rate, halved for an expert whose direction flips. The bias written is the mean
+    over the last half of the steps (one batch's noise averaged out). Which experts a token goes
+    to changes; the weights it gets from them do not. Reports MaxVio_global on held-out text before and after
     (DeepSeek's loss-free balancing reaches about 0.04). Other routing families have no such bias
     and are refused.
 
