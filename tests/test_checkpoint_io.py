@@ -291,7 +291,10 @@ sys.argv = ["moekit", "convert", {str(src)!r}, {str(out)!r}]
 from moekit.cli import main
 main()
 """
-    proc = subprocess.Popen([sys.executable, "-c", slow_cli], stderr=subprocess.PIPE, text=True)
+    # As from a terminal: a job started in the background by a shell inherits SIGINT ignored
+    # (and Python then keeps ignoring it), so the test sets the default disposition itself.
+    proc = subprocess.Popen([sys.executable, "-c", slow_cli], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not any(TEMP_MARKER in p.name for p in tmp_path.iterdir()) and time.time() < deadline:
         time.sleep(0.05)
