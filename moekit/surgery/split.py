@@ -72,7 +72,7 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
     out_dtype = dtype or ckpt.meta(target.router.format(i=moe_layers[0])).dtype
     child, hidden = width // G, cfg["hidden_size"]
 
-    @lru_cache(maxsize=4)
+    @lru_cache(maxsize=None)  # each clustered once: the layer records list them all at plan time
     def permutation(i: int, e: int) -> torch.Tensor:
         if method == "contiguous":
             return partition.contiguous(width, G)
