@@ -47,6 +47,16 @@ def test_sigmoid_routing_factor_follows_norm_topk_prob(tmp_path, norm):
     assert bias.dtype == torch.float32 and bias.shape == (8,)
 
 
+def test_factor_that_is_not_a_power_of_two(tmp_path):
+    """G = 3 under softmax routing: children's down projections scaled by 3 (rounded once, in fp32)."""
+    from tests import tiny
+
+    src = tiny.build("mixtral", tmp_path / "src", intermediate_size=48)
+    split(src, tmp_path / "fine", "-g", "3")
+    assert json.loads((tmp_path / "fine" / "moekit.json").read_text())["layers"][0]["factor"] == 3.0
+    assert max_rel_error(src, tmp_path / "fine", 128, seed=4) <= 1e-5
+
+
 @pytest.mark.parametrize("parent,target", [(t.parents[0], t.model_type) for t in TARGETS.values() if t.parents])
 def test_split_of_upcycled_models_is_exact(tiny_models, tmp_path, parent, target):
     src = tiny_models(parent)

@@ -9,7 +9,6 @@ child's down projection is scaled by `child_weight_factor` so routing weights ad
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -97,9 +96,10 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
     def down_blocks(down: torch.Tensor) -> torch.Tensor:
         columns = down.reshape(hidden, G, child).transpose(0, 1)  # block g = child g's columns
         blocks = torch.empty((G, hidden, child), dtype=out_dtype)
-        if factor == 1.0 or (down.dtype == out_dtype and math.log2(factor).is_integer()):
-            blocks.copy_(columns)
-            return blocks.mul_(factor)  # exact: a power of two only moves the exponent
+        if factor == 1.0:
+            return blocks.copy_(columns)
+        if down.dtype == out_dtype and math.log2(factor).is_integer():
+            return blocks.copy_(columns).mul_(factor)  # exact: a power of two only moves the exponent
         # the factor goes on the output side (act(gate x) is not homogeneous); one rounding
         return blocks.copy_(columns.float() * factor)
 
