@@ -85,17 +85,17 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
 
     reader = ExpertReader(ckpt, target, n)
     out_dtype = dtype or ckpt.meta(target.router.format(i=layers[0])).dtype
-    hidden = cfg["hidden_size"]
+    width, hidden = cfg[target.width_field], cfg["hidden_size"]
 
     def old(i: int, e: int, p: str) -> torch.Tensor:
-        return reader.expert(i, e)[PROJS.index(p)].to(out_dtype)
+        return reader.projection(i, e, p).to(out_dtype)
 
     def new(i: int, j: int, p: str, donor: list[int]) -> torch.Tensor:
         gen_seed = (seed * 1_000_003 + i) * 1009 + n + j
         if init == "mean":
-            return torch.stack([reader.expert(i, e)[PROJS.index(p)].float() for e in range(n)]).mean(0).to(out_dtype)
+            return torch.stack([reader.projection(i, e, p).float() for e in range(n)]).mean(0).to(out_dtype)
         if init == "random":  # the spread of the old experts' weights, no structure
-            ref = torch.stack([reader.expert(i, e)[PROJS.index(p)].float() for e in range(n)])
+            ref = torch.stack([reader.projection(i, e, p).float() for e in range(n)])
             gen = torch.Generator().manual_seed(gen_seed * 7 + PROJS.index(p))
             return (torch.randn(ref.shape[1:], generator=gen) * ref.std()).to(out_dtype)
         w = old(i, donor[j], p)
@@ -126,15 +126,14 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
             continue
         done.add(i)
         donor = donors(copy_from, counts.get(i), n, m) if init in ("copy", "drop-upcycling") else []
+
         def verbatim(e: int, p: str, i=i, donor=donor) -> tuple[Checkpoint, str] | None:
             """Old experts, and new copies of one, are byte-for-byte source tensors."""
             source = e if e < n else (donor[e - n] if init == "copy" else None)
-            if source is None or not target.expert:
-                return None
-            name = target.expert.format(i=i, e=source, proj=target.proj[p])
-            return (ckpt, name) if ckpt.meta(name).dtype == out_dtype else None
+            name = None if source is None else reader.tensor_name(i, source, p)
+            return (ckpt, name) if name and ckpt.meta(name).dtype == out_dtype else None
 
-        block = _grown_block(target, i, n, m, hidden, out_dtype, reader, old, new, router, donor, verbatim)
+        block = _grown_block(target, i, n, m, width, hidden, out_dtype, reader, old, new, router, donor, verbatim)
         outputs += block
         for o in block:
             tensors[o.meta.name] = _freeze_rule(target, o.meta.name, i, n)
@@ -157,7 +156,7 @@ def _freeze_rule(t: Target, name: str, i: int, n: int):
     return "frozen"
 
 
-def _grown_block(t: Target, i, n, m, hidden, dtype, reader, old, new, router, donor, verbatim) -> list[OutputTensor]:
+def _grown_block(t: Target, i, n, m, width, hidden, dtype, reader, old, new, router, donor, verbatim) -> list[OutputTensor]:
     name = t.router.format(i=i)
     block = [OutputTensor(TensorMeta(name, (n + m, hidden), dtype), lambda: router(i, donor))]
     if t.router_bias:  # new experts start with the bias of the expert they copy (or the mean bias)
@@ -168,7 +167,6 @@ def _grown_block(t: Target, i, n, m, hidden, dtype, reader, old, new, router, do
             return torch.cat([b, b[donor] if donor else b.mean().expand(m)])
 
         block.append(OutputTensor(TensorMeta(bias, (n + m,), torch.float32), grown_bias))
-    width = reader.expert(i, 0)[0].shape[0]
     shapes = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}
     if t.expert:
         for e in range(n + m):
