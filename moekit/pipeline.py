@@ -76,9 +76,10 @@ def set_dtype(config: dict, dtype: torch.dtype) -> dict:
 def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *, config: dict,
                 operation: str, options: dict, layers: list[dict], summary: dict, title: str, what: str,
                 extra_sources: list[Checkpoint] = (), extra: dict | None = None, max_shard_size: int, overwrite: bool,
-                progress: Progress | None = None) -> WriteResult:
+                progress: Progress | None = None, notes: list[str] = ()) -> WriteResult:
     """Write `outputs` plus config, side files, moekit.json (with `extra` keys) and README.md;
-    atomic as a whole."""
+    atomic as a whole. `notes` (caveats, one line each) go into moekit.json, the model card and
+    the returned warnings."""
     start = time.perf_counter()
     all_sources = [source, *extra_sources]
     # Hash the sources for provenance while the output is written (hashlib releases the GIL).
@@ -95,7 +96,7 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
             if progress:
                 progress(out.bytes_written, out.total_bytes, o.meta.name)
         side_files = source.write_side_files(out.files_dir)
-        warnings = []
+        warnings = list(notes)
         if not any(f in side_files for f in TOKENIZER_FILES):
             warnings.append(f"{source.path}: no tokenizer files; the output has none either (copy them in by hand)")
         out.write_json("config.json", config)
@@ -103,6 +104,8 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
         summary = {**summary, "bytes written": out.total_bytes, "seconds": round(seconds, 2),
                    "shards": len(out.shards)}
         record = {**build_record(operation, options, records(), layers, summary), **(extra or {})}
+        if notes:
+            record["notes"] = list(notes)
         out.write_json("moekit.json", record)
         out.write_text("README.md", model_card(title, what, record))
         path = out.commit()

@@ -6,6 +6,7 @@ new config; it never touches files or the CLI.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,7 +18,7 @@ from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.errors import MoekitError, UsageError
 from moekit.inspect import describe
 from moekit.pipeline import OutputTensor, passthrough
-from moekit.targets import DEFAULT_TARGET, DENSE_FFN, PROJS, TARGETS, WHY_NOT, Target
+from moekit.targets import DEFAULT_TARGET, DENSE_FFN, NO_SOFTMAX_TOPK, PROJS, TARGETS, WHY_NOT, Target
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class UpcyclePlan:
     layers: list[dict]
     target: Target
     moe_layers: list[int]
+    exact: bool  # computes the parent's function (no noise, and a router the routing is exact with)
+    notes: list[str]  # what the user should know about this output (one line each)
 
 
 def choose_target(parent_type: str, requested: str | None) -> Target:
@@ -91,7 +94,22 @@ def layer_config(target: Target, moe_layers: list[int], n_layers: int) -> dict:
     raise UsageError(f"{target.model_type} can only have {how}; --moe-layers asks for dense layers {dense}")
 
 
-def build_config(parent: dict, target: Target, n: int, k: int, shared: int, d_ff: int, moe_layers: list[int]) -> dict:
+def check_routing(target: Target, routing: str) -> None:
+    if routing == "softmax-topk" and not target.softmax_topk:
+        why = NO_SOFTMAX_TOPK.get(target.model_type, "it cannot turn renormalisation off")
+        raise UsageError(f"--routing softmax-topk needs qwen2_moe, qwen3_moe or flex_olmo: {why}")
+    if routing not in ("renormalised", "softmax-topk"):
+        raise UsageError(f"unknown --routing {routing!r} (known: renormalised, softmax-topk)")
+
+
+def softmax_topk_scale(n: int, k: int) -> float:
+    """With a zero router, softmax over N experts gives each of the K picked ones weight 1/N, K/N
+    in all; each expert's down_proj × N/K makes the sum of K identical experts the dense FFN."""
+    return n / k
+
+
+def build_config(parent: dict, target: Target, n: int, k: int, shared: int, d_ff: int, moe_layers: list[int],
+                 routing: str = "renormalised") -> dict:
     """Edit the parent's own config dict (BRIEF §4: never re-serialise through transformers 5.x)."""
     cfg = dict(parent)
     n_layers = parent["num_hidden_layers"]
@@ -103,6 +121,8 @@ def build_config(parent: dict, target: Target, n: int, k: int, shared: int, d_ff
     if target.shared_field:
         cfg[target.shared_field] = shared if target.shared_is_count else d_ff * shared
     cfg.update(target.config)
+    if routing == "softmax-topk":
+        cfg["norm_topk_prob"] = False
     cfg.update(layer_config(target, moe_layers, n_layers))
     if "partial_rotary_factor" in target.config and isinstance(cfg.get("rope_parameters"), dict):
         cfg["rope_parameters"] = {**cfg["rope_parameters"], "partial_rotary_factor": target.config["partial_rotary_factor"]}
@@ -148,12 +168,13 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
                  moe_layers_spec: str = "all", router_init: str = "random",
                  data_rows: Callable[[list[int]], dict[int, torch.Tensor]] | None = None,
                  noise: float = 0.0, drop: float = 0.0, expert_sources: list[Checkpoint] = (),
-                 dtype: torch.dtype | None = None, seed: int = 0) -> UpcyclePlan:
+                 dtype: torch.dtype | None = None, seed: int = 0, routing: str = "renormalised") -> UpcyclePlan:
     parent = ckpt.config
     report = describe(ckpt)
     if report["kind"] == "moe":
         raise MoekitError(f"{ckpt.path} is already an MoE model; use split-granularity or add-experts")
     target = choose_target(parent.get("model_type", "unknown"), target_name)
+    check_routing(target, routing)
     for key, value in target.parent_requires.items():
         if parent.get(key, value) != value:
             raise UsageError(f"{target.model_type} cannot represent {key}={parent[key]} of the parent")
@@ -172,13 +193,23 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
     moe_layers = parse_layers(moe_layers_spec, n_layers)
     d_ff = ckpt.meta(DENSE_FFN.format(i=0, proj="up")).shape[0]
     hidden = parent["hidden_size"]
-    config = build_config(parent, target, n, k, shared, d_ff, moe_layers)
+    config = build_config(parent, target, n, k, shared, d_ff, moe_layers, routing)
     for src in expert_sources:
         _check_same_ffn(ckpt, src, moe_layers)
     # Data-driven rows need forward passes: only once every option is known to be valid.
     rows_by_layer = data_rows(moe_layers) if data_rows else {}
 
     out_dtype = dtype or next(iter(ckpt.tensors.values())).dtype
+    down_scale = softmax_topk_scale(n, k) if routing == "softmax-topk" else 1.0
+    exact, notes = not (noise or drop), []
+    if routing == "softmax-topk":
+        if router_init != "zero":
+            exact = False
+            notes.append(f"--routing softmax-topk with --router-init {router_init} is not exact at init: only a zero "
+                         "router gives every picked expert the weight 1/N that the N/K factor undoes")
+        if down_scale != 2 ** round(math.log2(down_scale)) and out_dtype != torch.float32:
+            notes.append(f"down_proj × N/K = {down_scale:g} is not a power of two: {str(out_dtype)[6:]} rounds the "
+                         "scaled weights, so the output is close to, not bit-exact with, its parent; use float32 to stay exact")
     # One layer's gate/up/down are read once for its N copies.
     load = lru_cache(maxsize=3)(lambda src_idx, name: ([ckpt, *expert_sources][src_idx]).load(name, out_dtype))
 
@@ -189,12 +220,15 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
         w = load(src_idx(e), DENSE_FFN.format(i=i, proj=proj))
         if e is not None and (noise or drop):
             w = perturb(w, proj, noise, drop, gen_seed=(seed * 1_000_003 + i) * 1009 + e).to(out_dtype)
+        if e is not None and proj == "down" and down_scale != 1.0:
+            w = (w.float() * down_scale).to(out_dtype)
         return w
 
     def verbatim(i: int, proj: str, e: int) -> tuple[Checkpoint, str] | None:
         """The source tensor expert e's projection is a byte-for-byte copy of, if it is one."""
         src, name = [ckpt, *expert_sources][src_idx(e)], DENSE_FFN.format(i=i, proj=proj)
-        return None if noise or drop or src.meta(name).dtype != out_dtype else (src, name)
+        scaled = proj == "down" and down_scale != 1.0
+        return None if noise or drop or scaled or src.meta(name).dtype != out_dtype else (src, name)
 
     ffn_names = {DENSE_FFN.format(i=i, proj=p) for i in moe_layers for p in PROJS}
     outputs: list[OutputTensor] = []
@@ -211,9 +245,10 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
         rows = rows_by_layer[i] if data_rows else router_rows(router_init, n, hidden, gen, std)
         outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, verbatim, rows)
         layers.append({"layer": i, "experts": n, "top_k": k, "shared_experts": shared, "router_init": router_init,
+                       "routing": routing, "down_proj_scale": down_scale,
                        "expert_sources": [str(s.path) for s in expert_sources] or None,
                        "noise": noise, "drop_upcycling": drop})
-    return UpcyclePlan(outputs, config, layers, target, moe_layers)
+    return UpcyclePlan(outputs, config, layers, target, moe_layers, exact, notes)
 
 
 def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, verbatim, rows) -> list[OutputTensor]:
