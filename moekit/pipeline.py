@@ -17,7 +17,9 @@ import torch
 from moekit.checkpoint import Checkpoint, CheckpointWriter, TensorMeta
 from moekit.checkpoint.dtypes import config_name
 from moekit.checkpoint.reader import TOKENIZER_FILES
+from moekit.compat import for_both_lines, tokenizer_config_for_both_lines
 from moekit.provenance import build_record, model_card, source_record
+from moekit.runtimes import Facts, caveats
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
 
@@ -96,6 +98,10 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
             if progress:
                 progress(out.bytes_written, out.total_bytes, o.meta.name)
         side_files = source.write_side_files(out.files_dir)
+        tokenizer_config_for_both_lines(out.files_dir)
+        # RoPE and renamed fields in the forms both transformers lines read, as 5.x reads them now
+        config = for_both_lines(config, defaults_of=source.config.get("model_type"))
+        notes = [*notes, *caveats(Facts.of_folder(out.files_dir, config, (o.meta.name for o in outputs)))]
         warnings = list(notes)
         if not any(f in side_files for f in TOKENIZER_FILES):
             warnings.append(f"{source.path}: no tokenizer files; the output has none either (copy them in by hand)")

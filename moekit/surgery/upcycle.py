@@ -18,7 +18,8 @@ from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.errors import MoekitError, UsageError
 from moekit.inspect import describe
 from moekit.pipeline import OutputTensor, passthrough
-from moekit.targets import DEFAULT_TARGET, DENSE_FFN, NO_SOFTMAX_TOPK, PROJS, TARGETS, WHY_NOT, Target
+from moekit.targets import (DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, PROJS, TARGETS, WHY_NOT,
+                            Target)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,10 @@ def build_config(parent: dict, target: Target, n: int, k: int, shared: int, d_ff
         cfg["rope_parameters"] = {**cfg["rope_parameters"], "partial_rotary_factor": target.config["partial_rotary_factor"]}
     if target.model_type == "mixtral":
         cfg["sliding_window"] = parent.get("sliding_window")  # Mixtral's class default differs
+    if target.untie and parent.get("tie_word_embeddings"):
+        cfg["tie_word_embeddings"] = False  # lm_head.weight is written out (see plan_upcycle)
     if target.model_type == "glm4_moe":
+        cfg["head_dim"] = parent.get("head_dim") or parent["hidden_size"] // parent["num_attention_heads"]  # vLLM reads it
         cfg["use_qk_norm"] = parent["model_type"] == "qwen3"
         cfg["attention_bias"] = parent["model_type"] == "qwen2" or parent.get("attention_bias", False)
     return cfg
@@ -234,7 +238,10 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
     outputs: list[OutputTensor] = []
     layers: list[dict] = []
     std = parent.get("initializer_range", 0.02)
+    untie = target.untie and bool(parent.get("tie_word_embeddings"))
     for meta in ckpt.tensors.values():
+        if untie and meta.name == LM_HEAD:
+            continue  # a tied parent's stored head (if any) is its embedding: written below from it
         if meta.name not in ffn_names:
             outputs.append(passthrough(ckpt, meta, out_dtype))
             continue
@@ -243,15 +250,20 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
             continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         rows = rows_by_layer[i] if data_rows else router_rows(router_init, n, hidden, gen, std)
-        outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, verbatim, rows)
+        outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, verbatim, rows,
+                              shared_gate_row=torch.randn(1, hidden, generator=gen) * std)
         layers.append({"layer": i, "experts": n, "top_k": k, "shared_experts": shared, "router_init": router_init,
                        "routing": routing, "down_proj_scale": down_scale,
                        "expert_sources": [str(s.path) for s in expert_sources] or None,
                        "noise": noise, "drop_upcycling": drop})
+    if untie:  # runtimes that never tie (llama.cpp's qwen2moe, vLLM's GLM/FlexOlmo) get the head written out
+        outputs.append(OutputTensor(TensorMeta(LM_HEAD, ckpt.meta(EMBED).shape, out_dtype),
+                                    lambda: ckpt.load(EMBED, out_dtype),
+                                    copy_of=(ckpt, EMBED) if ckpt.meta(EMBED).dtype == out_dtype else None))
     return UpcyclePlan(outputs, config, layers, target, moe_layers, exact, notes)
 
 
-def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, verbatim, rows) -> list[OutputTensor]:
+def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, verbatim, rows, shared_gate_row) -> list[OutputTensor]:
     def meta(name, *shape, dt=dtype):
         return TensorMeta(name.format(i=i), tuple(shape), dt)
 
@@ -276,8 +288,9 @@ def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, verbatim, rows
             produce = (lambda s=shape: torch.zeros(s, dtype=dtype)) if p == "down" else (
                 lambda p=p: ffn(i, p).repeat(shared, 1))
             block.append(OutputTensor(meta(t.shared.format(i="{i}", proj=t.proj[p]), *shape), produce))
-        if t.shared_gate:
-            block.append(OutputTensor(meta(t.shared_gate, 1, hidden), lambda: torch.zeros(1, hidden, dtype=dtype)))
+        if t.shared_gate:  # not zero: llama.cpp computes this sigmoid as silu(x)/x, NaN at x = 0; the zero
+            # down projection keeps the shared output at zero whatever the gate says
+            block.append(OutputTensor(meta(t.shared_gate, 1, hidden), lambda: shared_gate_row.to(dtype)))
     if shared and t.shared_fused:
         gate_up, down = t.shared_fused
         block.append(OutputTensor(meta(gate_up, 2 * d_ff, hidden), lambda: torch.cat([ffn(i, "gate"), ffn(i, "up")])))
