@@ -29,6 +29,7 @@ class Verdict:
     status: str  # EXACT | WRONG | FAILS
     why: str = ""  # one line: what goes wrong and what to do about it
     how: str = "measured"  # "measured" (the matrix test checks it) | "read, not run" | "not measured"
+    sign: str = ""  # FAILS, measured: a piece of the runtime's own error message (the test looks for it)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def _theta_only_in_rope_parameters(f: Facts) -> bool:
 
 CONDITIONS: dict[str, Callable[[Facts], bool]] = {
     "renormalised": lambda f: f.config.get("norm_topk_prob") is True,
+    "not_renormalised": lambda f: f.config.get("norm_topk_prob") is False,
     "tied_without_lm_head": _tied_without_lm_head,
     "non_glm_tokenizer": lambda f: not all(t in f.tokenizer_text for t in ("[gMASK]", "<|user|>", "<|observation|>")),
     "head_dim_not_hidden_over_heads": lambda f: f.config.get("head_dim", 0) not in (
@@ -91,13 +93,19 @@ _VLLM_UNTIED = ("tied_without_lm_head", Verdict(FAILS, "vLLM never ties lm_head 
 
 TABLE: dict[str, dict[str, Cell]] = {
     "mixtral": {"llama.cpp": _OK, "vLLM": _OK_READ},
-    "qwen3_moe": {"llama.cpp": _OK, "vLLM": _OK_READ},
+    "qwen3_moe": {
+        "llama.cpp": Cell(Verdict(EXACT), (
+            ("not_renormalised", Verdict(WRONG, "llama.cpp's qwen3moe always renormalises the top-k weights (ignores "
+                                                "norm_topk_prob: false); for llama.cpp keep --routing renormalised")),
+        )),
+        "vLLM": _OK_READ,
+    },
     "granitemoe": {"llama.cpp": _OK, "vLLM": _OK_READ},
     "granitemoeshared": {"llama.cpp": _OK, "vLLM": _OK_READ},
     "qwen2_moe": {
         "llama.cpp": Cell(Verdict(EXACT), (
             ("tied_without_lm_head", Verdict(FAILS, "llama.cpp's qwen2moe has no tied-embedding fallback "
-                                                    "(tensor 'output.weight' not found); moekit writes lm_head.weight")),
+                                                    "(tensor 'output.weight' not found); moekit writes lm_head.weight", sign="output.weight")),
             ("renormalised", Verdict(WRONG, "llama.cpp's qwen2moe never renormalises the top-k weights "
                                             "(ignores norm_topk_prob: true); upcycle with --routing softmax-topk")),
         )),
@@ -109,13 +117,13 @@ TABLE: dict[str, dict[str, Cell]] = {
     "glm4_moe": {
         "llama.cpp": Cell(Verdict(EXACT, how="not measured"), (
             ("non_glm_tokenizer", Verdict(FAILS, "llama.cpp's converter looks up GLM's own special tokens ([gMASK], "
-                                                 "<|user|>, <|observation|>) and fails on any other tokenizer")),
+                                                 "<|user|>, <|observation|>) and fails on any other tokenizer", sign="[gMASK]")),
         )),
         "vLLM": Cell(Verdict(EXACT, how="read, not run"), (_VLLM_UNTIED,)),
     },
     "flex_olmo": {
         "llama.cpp": Cell(Verdict(FAILS, "llama.cpp has no FlexOlmo architecture (its converter refuses "
-                                         "FlexOlmoForCausalLM)")),
+                                         "FlexOlmoForCausalLM)", sign="FlexOlmoForCausalLM is not supported")),
         "vLLM": Cell(Verdict(EXACT, how="read, not run"), (
             _VLLM_UNTIED,
             ("renormalised", Verdict(WRONG, "vLLM's FlexOlmo hard-codes renormalize=False (ignores norm_topk_prob: "
@@ -145,3 +153,9 @@ def caveats(facts: Facts) -> list[str]:
     """One line per runtime where the checkpoint will not compute its function (warnings, model card)."""
     return [f"{runtime}: {v.why}" + (" (vLLM source read, not run)" if v.how == "read, not run" else "")
             for runtime, v in verdicts(facts).items() if v.status != EXACT]
+
+
+def report(facts: Facts) -> list[dict]:
+    """`inspect`'s list: each runtime with its verdict for this checkpoint, how it is known, and why."""
+    return [{"runtime": r, "status": v.status, "how": v.how, **({"why": v.why} if v.why else {})}
+            for r, v in verdicts(facts).items()]
