@@ -34,12 +34,12 @@ $(VENV457)/bin/moekit: pyproject.toml
 
 setup: $(BIN)/moekit
 
-$(LLAMACPP_SDIST):
+$(LLAMACPP_SDIST): | $(BIN)/moekit
 	mkdir -p $(@D)
 	$(BIN)/pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMACPP_VERSION)" -d $(@D)
 
 # A cached wheel is reused as it is (whatever machine-native flags built it); delete it to rebuild.
-llamacpp-wheel: $(LLAMACPP_SDIST)
+llamacpp-wheel: | $(LLAMACPP_SDIST)
 	@ls $(LLAMACPP_CACHE)/wheels/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl >/dev/null 2>&1 || \
 	  CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-deps $(LLAMACPP_SDIST) -w $(LLAMACPP_CACHE)/wheels
 
@@ -53,7 +53,7 @@ $(LLAMACPP_SRC)/convert_hf_to_gguf.py: $(LLAMACPP_SDIST)
 	touch $@
 
 # The bindings in both venvs (the converter runs under 4.57: its requirements pin transformers 4.57.6).
-$(VENV)/.llamacpp: $(BIN)/moekit $(VENV457)/bin/moekit llamacpp-wheel $(LLAMACPP_SRC)/convert_hf_to_gguf.py
+$(VENV)/.llamacpp: $(BIN)/moekit $(VENV457)/bin/moekit $(LLAMACPP_SRC)/convert_hf_to_gguf.py | llamacpp-wheel
 	$(BIN)/pip install -q --find-links $(LLAMACPP_CACHE)/wheels -e ".[dev,llamacpp]"
 	$(VENV457)/bin/pip install -q --find-links $(LLAMACPP_CACHE)/wheels "transformers==4.57.6" -e ".[dev,llamacpp]"
 	touch $@
