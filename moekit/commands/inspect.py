@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from moekit.commands.common import JsonOpt, PickleOpt, SourceArg, handle_errors, out, print_json
@@ -72,5 +73,5 @@ def report_table(r: dict) -> Table:
     for run in r.get("runtimes", []):  # known only for the MoE architectures moekit writes (moekit.runtimes)
         colour = {"exact": "green", "wrong": "yellow", "fails": "red"}[run["status"]]
         t.add_row(f"runs in {run['runtime']}", f"[{colour}]{run['status']}[/] ({run['how']})"
-                  + (f": {run['why']}" if "why" in run else ""))
+                  + (f": {escape(run['why'])}" if "why" in run else ""))
     return t

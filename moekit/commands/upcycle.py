@@ -40,7 +40,9 @@ def upcycle_command(
     """Turn a dense checkpoint into a native MoE checkpoint: every expert a copy of the FFN.
 
     Without --noise / --drop-upcycling the result computes exactly what the parent computes (its
-    routing weights sum to 1 over identical experts), until you train it. Tensors are streamed:
+    routing weights sum to 1 over identical experts; with --routing softmax-topk a zero router and
+    down_proj × N/K do the same), until you train it. Where a runtime will not compute it (e.g.
+    renormalised qwen2_moe in llama.cpp), a warning and the model card say so (docs/runtimes.md). Tensors are streamed:
     memory stays at a few tensors whatever the model size.
 
     Examples:
