@@ -84,7 +84,9 @@ def children() -> list[Child]:
                                   "--routing", "softmax-topk"), p.name))
     for moe, parent in (("llama-5x-default-tied__mixtral", "llama-5x-default-tied"),
                         ("qwen3-5x-default__qwen3_moe", "qwen3-5x-default"),
-                        ("qwen2-5x-default-tied__qwen2_moe-softmax-topk", "qwen2-5x-default-tied")):
+                        ("qwen2-5x-default-tied__qwen2_moe-softmax-topk", "qwen2-5x-default-tied"),
+                        ("granite-5x-default__granitemoe", "granite-5x-default"),  # fused expert layout
+                        ("llama-5x-default-tied__glm4_moe", "llama-5x-default-tied")):  # sigmoid router
         out.append(Child(f"{moe}__split", moe, ("split-granularity", "-g", "2"), parent))
         out.append(Child(f"{moe}__add", moe, ("add-experts", "-m", "2", "--copy-from", "0", "--drift-tokens", "0"),
                          parent if "softmax" not in moe else ""))  # a softmax over more experts: not exact

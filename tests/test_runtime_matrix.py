@@ -79,14 +79,26 @@ def logits_5x(folder: Path, ids: list[int]) -> dict:
             "tokens": AutoTokenizer.from_pretrained(folder)(rm.TEXT)["input_ids"]}
 
 
-def run_worker(python: Path, mode: str, jobs: dict, where: Path) -> dict:
+def start_worker(python: Path, mode: str, jobs: dict, where: Path):
+    """Start `python tests/runtime_matrix.py MODE JOBS`; the returned function waits for its results."""
     path = where / f"jobs-{mode}.json"
     path.write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([str(python), str(Path(__file__).with_name("runtime_matrix.py")), mode, str(path)],
-                          capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, f"{mode} worker failed: {proc.stderr[-2000:]}"
-    return json.loads(path.with_suffix(f".{mode}.out.json").read_text())
+    log = path.with_suffix(".log")
+    with open(log, "w") as stderr:  # a file, not a pipe: a full pipe would stall the worker
+        proc = subprocess.Popen([str(python), str(Path(__file__).with_name("runtime_matrix.py")), mode, str(path)],
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+
+    def results() -> dict:
+        proc.wait()
+        assert proc.returncode == 0, f"{mode} worker failed: {log.read_text()[-2000:]}"
+        return json.loads(path.with_suffix(f".{mode}.out.json").read_text())
+
+    return results
+
+
+def run_worker(python: Path, mode: str, jobs: dict, where: Path) -> dict:
+    return start_worker(python, mode, jobs, where)()
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +131,10 @@ def matrix(tmp_path_factory):
 
     results = {"transformers 5.x": {n: logits_5x(f, ids) for n, f in folders.items()}}
     models = {c.name: str(folders[c.name]) for c in CHILDREN}
-    results["transformers 4.57"] = run_worker(PY457, "transformers", {"ids": ids, "text": rm.TEXT, "tag": "457",
-                                                                      "models": models}, root)
-    ggufs = {c.name: root / f"{c.name}.gguf" for c in CHILDREN}
+    in_457 = start_worker(PY457, "transformers", {"ids": ids, "text": rm.TEXT, "tag": "457", "models": models}, root)
+    ggufs = {c.name: root / f"{c.name}.gguf" for c in CHILDREN}  # converted while 4.57 runs (2 cores)
     converted = llamacpp.convert_many([(folders[n], g) for n, g in ggufs.items()], python=str(PY457))
+    results["transformers 4.57"] = in_457()
     converted = dict(zip(ggufs, converted))
     ran = run_worker(Path(sys.executable), "llama.cpp",
                      {"ids": ids, "models": {n: str(g) for n, g in ggufs.items() if converted[n]["ok"]}}, root)
