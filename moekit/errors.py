@@ -21,3 +21,8 @@ class MoekitError(Exception):
 class UsageError(MoekitError):
     exit_code = EXIT_USAGE
 
+
+
+def one_line(text) -> str:
+    """A message (a library's, often several lines) as one line: whitespace runs become one space."""
+    return " ".join(str(text).split())

@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from moekit.checkpoint import Checkpoint
-from moekit.checkpoint.reader import TOKENIZER_FILES
+from moekit.checkpoint.reader import TOKENIZER_FILES, weights_are_safetensors
 from moekit.checkpoint.sources import resolve_source
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, one_line
 
 # Config keys that `AutoConfig.for_model` must not see: the type is its positional argument,
 # `auto_map` would point at remote code, `quantization_config` makes transformers expect
@@ -34,24 +35,62 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def _from_pretrained(cls, source: str | Path, what: str, **kw):
-    """`cls.from_pretrained` on a folder or a .gguf file; any failure becomes one line."""
+def custom_code(folder: Path, file: str) -> str | None:
+    """What `file`'s `auto_map` points at, if it names custom code (None for no auto_map)."""
+    try:
+        data = json.loads((folder / file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # missing or unreadable: the loader itself reports that
+    auto_map = data.get("auto_map") if isinstance(data, dict) else None
+    if not auto_map:
+        return None
+    refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    return ", ".join(sorted({str(r[0] if isinstance(r, list) and r else r).split(".")[0] + ".py" for r in refs}))
+
+
+def refuse_custom_model_code(folder: Path) -> None:
+    """A model folder whose architecture only its own Python code defines is refused: moekit never
+    runs code from a checkpoint. One that maps a type transformers ships is read with
+    transformers' own classes (`trust_remote_code=False`), its custom files ignored."""
+    from transformers import CONFIG_MAPPING
+
+    code = custom_code(folder, "config.json")
+    if code is None:
+        return
+    model_type = _config_value(folder, "model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise MoekitError(f"{folder}: its architecture {model_type!r} needs the folder's own code ({code}, named by "
+                          "auto_map in config.json); moekit never runs code from a checkpoint")
+
+
+def _config_value(folder: Path, key: str):
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _from_pretrained(cls, source: str | Path, what: str, allow_pickle: bool = False, **kw):
+    """`cls.from_pretrained` on a folder or a .gguf file, never with remote code and never reading a
+    pickle unless allowed; any failure becomes one line."""
     path = resolve_source(source)
     if path.suffix == ".gguf":
         where, kw = path.parent, {**kw, "gguf_file": path.name}
     elif (path / "config.json").is_file():
         where = path
+        refuse_custom_model_code(path)
+        kw["use_safetensors"] = weights_are_safetensors(path, allow_pickle)  # never a pickle unless allowed
     else:
         raise MoekitError(f"{path}: not a model folder (no config.json) nor a .gguf file")
     try:
-        return cls.from_pretrained(where, **kw)
+        return cls.from_pretrained(where, trust_remote_code=False, **kw)
     except Exception as e:  # transformers raises OSError/ValueError/KeyError/... for unloadable input
-        reason = " ".join(str(e).split())  # transformers' messages span lines; the user gets one
-        raise MoekitError(f"{path}: transformers cannot load its {what}: {reason[:300]}") from None
+        raise MoekitError(f"{path}: transformers cannot load its {what}: {one_line(e)[:300]}") from None
 
 
 def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "auto",
-               device_map: str | None = None) -> tuple[torch.nn.Module, list[str]]:
+               device_map: str | None = None, allow_pickle: bool = False) -> tuple[torch.nn.Module, list[str]]:
     """The model in eval mode on `device` (or spread by accelerate's `device_map`, e.g. "auto"
     for a model larger than one GPU), and warnings about weights the checkpoint lacked
     (transformers initialises those randomly, so the comparison would measure noise)."""
@@ -62,8 +101,8 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: s
     hf_logging.set_verbosity_error()  # moekit reports what matters itself, one line each
     hf_logging.disable_progress_bar()
     placement = {"device_map": device_map} if device_map else {}
-    model, info = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype, output_loading_info=True,
-                                   **placement)
+    model, info = _from_pretrained(AutoModelForCausalLM, source, "model", allow_pickle, dtype=dtype,
+                                   output_loading_info=True, **placement)
     warnings = []
     for kind, consequence in (("missing_keys", "missing from the checkpoint, randomly initialised"),
                               ("unexpected_keys", "in the checkpoint but not used by the model")):
@@ -81,17 +120,21 @@ def load_tokenizer(source: str | Path):
     path = resolve_source(source)
     try:
         if path.is_file():  # GGUF carries its vocabulary inside
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
         if not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise MoekitError(
                 f"{path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); text input needs one; "
                 "copy the tokenizer files into the folder"
             )
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except MoekitError:
         raise
     except Exception as e:  # tokenizers raise many types for a broken file
-        raise MoekitError(f"{path}: cannot load its tokenizer: {e}") from None
+        code = custom_code(path, "tokenizer_config.json") if path.is_dir() else None
+        if code:
+            raise MoekitError(f"{path}: its tokenizer needs the folder's own code ({code}, named by auto_map in "
+                              "tokenizer_config.json); moekit never runs code from a checkpoint") from None
+        raise MoekitError(f"{path}: cannot load its tokenizer: {one_line(e)[:300]}") from None
 
 
 def load_dense_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -111,7 +154,7 @@ def load_dense_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> to
     # Allocate straight on the device and skip random init: every weight is overwritten below,
     # and initialising a multi-billion-parameter model on a CPU alone takes minutes.
     with torch.device(device), _no_init_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     model.float()
 
     state = model.state_dict()

@@ -10,9 +10,12 @@ that looks like a finished model.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,55 @@ MAX_HEADER_BYTES = 64 * 1000**2
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
 TEMP_MARKER = ".moekit-partial-"
+OWNER_FILE = ".moekit-owner.json"  # in a partial folder: which host and process write it
+_PARTIAL = re.compile(r"^\..*" + re.escape(TEMP_MARKER) + r"(\d+)$")
+NAME_MAX = 255  # bytes of one file name on Linux file systems
+
+
+def hidden_name(name: str, marker: str) -> str:
+    """`.NAME<marker>PID`, the hidden sibling an output is built in; a NAME too long for that is
+    cut and made unique with a hash of the whole name, so any legal output name works."""
+    suffix = f"{marker}{os.getpid()}"
+    if len(f".{name}{suffix}".encode()) <= NAME_MAX:
+        return f".{name}{suffix}"
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    keep = name.encode()[: NAME_MAX - len(f".-{digest}{suffix}".encode())].decode("utf-8", "ignore")
+    return f".{keep}-{digest}{suffix}"
+
+
+def sweep_partials(folder: Path) -> list[Path]:
+    """Remove the partial output folders in `folder` whose writing process is gone (killed outright,
+    so it could not clean up): on this host, its process id no longer runs. Returns them."""
+    swept = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return swept  # a parent that is not there (yet) or unreadable: the writer reports that itself
+    for path in entries:
+        m = _PARTIAL.match(path.name)
+        if not m or not path.is_dir() or path.is_symlink() or _writer_alive(path, int(m.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        swept.append(path)
+    return swept
+
+
+def _writer_alive(partial: Path, pid: int) -> bool:
+    try:
+        owner = json.loads((partial / OWNER_FILE).read_text())
+        if owner.get("host") != socket.gethostname():
+            return True  # another machine's (a shared disk): not ours to judge
+    except (OSError, ValueError, AttributeError):
+        pass  # killed before it wrote its owner file
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def parse_size(text: str | int) -> int:
@@ -40,8 +92,8 @@ def parse_size(text: str | int) -> int:
     s = text.strip().upper().replace(" ", "")
     digits = s.rstrip("KMGTIB")
     try:
-        size = int(float(digits) * _UNITS[s[len(digits):]])
-    except (ValueError, KeyError):
+        size = int(float(digits) * _UNITS[s[len(digits):]])  # inf and nan raise too
+    except (ValueError, KeyError, OverflowError):
         raise UsageError(f"cannot read size {text!r}: write it like 5GB, 500MB or 2GiB") from None
     if size <= 0:
         raise UsageError(f"size must be positive, got {text!r}")
@@ -89,6 +141,9 @@ def plan_shards(plan: list[TensorMeta], max_shard_size: int) -> list[_Shard]:
 
 def check_target(target: Path, sources: list[Path], overwrite: bool) -> None:
     """Refuse a target that exists (without --overwrite) or that overlaps a source."""
+    from moekit.options import check_utf8
+
+    check_utf8(target, "output")
     target = target.expanduser().resolve()
     for src in sources:
         src = src.resolve()
@@ -125,16 +180,23 @@ class CheckpointWriter:
         self.shards = plan_shards(plan, max_shard_size)
         self.total_bytes = sum(m.nbytes for m in plan)
         self.bytes_written = 0
-        self.temp = self.target.parent / f".{self.target.name}{TEMP_MARKER}{os.getpid()}"
+        self.temp = self.target.parent / hidden_name(self.target.name, TEMP_MARKER)
+        self.swept: list[Path] = []  # partial folders of dead runs removed on the way in
         self._queue = [(shard, meta) for shard in self.shards for meta in shard.tensors]
         self._next = 0
         self._file = None
         self._committed = False
 
     def __enter__(self) -> CheckpointWriter:
-        if self.temp.exists():
-            shutil.rmtree(self.temp)
-        self.temp.mkdir(parents=True)
+        try:
+            self.swept = sweep_partials(self.target.parent)
+            if self.temp.exists():
+                shutil.rmtree(self.temp)
+            self.temp.mkdir(parents=True)
+            (self.temp / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        except OSError as e:
+            self.__exit__(type(e), e, None)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -142,6 +204,8 @@ class CheckpointWriter:
             self._file.close()
         if not self._committed:
             shutil.rmtree(self.temp, ignore_errors=True)
+        if isinstance(exc, OSError) and str(exc.filename or "").startswith(str(self.temp)):
+            exc.filename = str(self.target)  # the user knows the output, not its hidden temporary name
 
     @property
     def files_dir(self) -> Path:
@@ -210,10 +274,11 @@ class CheckpointWriter:
             weight_map = {m.name: s.file_name for s in self.shards for m in s.tensors}
             self.write_json("model.safetensors.index.json",
                             {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        (self.temp / OWNER_FILE).unlink()
         _fsync_folder(self.temp)
         old = None
         if self.target.exists():  # --overwrite: swap, then delete the old one
-            old = self.target.parent / f".{self.target.name}.moekit-old-{os.getpid()}"
+            old = self.target.parent / hidden_name(self.target.name, ".moekit-old-")
             self.target.rename(old)
         self.temp.rename(self.target)
         self._committed = True

@@ -43,7 +43,8 @@ def add_experts_command(
     docs/lifelong.md for how --init and --router-init trade drift against traffic.
 
     With --calibration, kmeans router rows come from new-domain hidden states, and most-used /
-    least-used are counted on that text (or read from --profile).
+    least-used are counted on that text (or read from --profile); without it, on the built-in
+    English sample, and the command says so.
 
     Examples:
 

@@ -12,9 +12,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from moekit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO, MoekitError
+from moekit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO, MoekitError, one_line
 
 out = Console()  # results and JSON: stdout, so they can be piped
 err = Console(stderr=True)  # progress, warnings, errors
@@ -37,8 +38,11 @@ RecipeOpt = Annotated[Optional[Path], typer.Option(help="YAML recipe with any of
 MaybeOverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace OUTPUT once the new one is complete.")]
 
 
-def fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+def fail(message: str, code: int, hint: str | None = None) -> typer.Exit:
+    """Print the one `error:` line (and for usage errors one hint line); the exit to raise."""
+    err.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+    if hint:
+        err.print(f"[dim]hint:[/] {escape(one_line(hint))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -68,8 +72,9 @@ def handle_errors(fn):
 
 @contextmanager
 def byte_progress(label: str, enabled: bool = True):
-    """A progress bar over bytes written; yields a callback for `pipeline.write_model`."""
-    if not enabled:
+    """A progress bar over bytes written (on a terminal only: elsewhere a finished bar leaves an empty
+    line); yields a callback for `pipeline.write_model`."""
+    if not enabled or not err.is_terminal:
         yield None
         return
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -89,12 +94,17 @@ def run_surgery(label: str, job, opts, json_output: bool, describe) -> None:
     with byte_progress(label, not json_output) as progress:
         result, summary = job(opts, progress)
     for w in result.warnings + ([summary["note"]] if "note" in summary else []):
-        err.print(f"[yellow]warning:[/] {w}")
+        warn(w)
     if json_output:
         print_json(summary)
     else:
         for line in describe(result, summary):
-            err.print(line)
+            err.print(line, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """One `warning:` line on stderr (never wrapped: one message, one line)."""
+    err.print(f"[yellow]warning:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
 
 
 def print_json(data) -> None:

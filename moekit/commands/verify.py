@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moekit.commands.common import JsonOpt, err, handle_errors, out, print_json
+from moekit.commands.common import JsonOpt, PickleOpt, err, handle_errors, out, print_json
 from moekit.errors import EXIT_CHECK_FAILED, MoekitError
 
 ModelArg = Annotated[str, typer.Argument(show_default=False, help="Model folder, .gguf file, or a built-in name (smollm2-135m).")]
@@ -29,6 +29,7 @@ def verify_command(
     seed: Annotated[int, typer.Option(help="Seed of the random token ids.")] = 0,
     prompt: Annotated[str | None, typer.Option(help="Also generate greedily from this prompt with both models and compare the text.", show_default=False)] = None,
     new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate with --prompt.")] = 24,
+    allow_pickle: PickleOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Check that CHILD computes what PARENT computes: run both on the same tokens, compare logits.
@@ -58,13 +59,13 @@ def verify_command(
     if data is not None and not data.is_file():
         raise MoekitError(f"{data}: no such file")
     start = time.perf_counter()
-    parent_model, warnings = load_model(parent, torch_dtype, where)
-    child_model, child_warnings = load_model(child, torch_dtype, where)
+    parent_model, warnings = load_model(parent, torch_dtype, where, allow_pickle=allow_pickle)
+    child_model, child_warnings = load_model(child, torch_dtype, where, allow_pickle=allow_pickle)
     warnings += child_warnings
     vocab = min(vocab_size(parent_model), vocab_size(child_model))
     batches = make_inputs(vocab, tokens, batch, seq_len, seed, data, load_tokenizer(parent) if data else None)
     load_seconds = time.perf_counter() - start
-    with err.status(f"comparing on {sum(b.numel() for b in batches):,} tokens", spinner="dots") if not json_output else nullcontext():
+    with err.status(f"comparing on {sum(b.numel() for b in batches):,} tokens", spinner="dots") if not json_output and err.is_terminal else nullcontext():
         result = compare_models(parent_model, child_model, batches)
 
     if prompt is not None:

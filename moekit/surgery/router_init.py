@@ -360,6 +360,8 @@ def read_text_file(path: str | Path) -> list[str]:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise MoekitError(f"{path}: not UTF-8 text; calibration files are .txt or .jsonl") from None
+    except OSError as e:
+        raise MoekitError(f"{path}: cannot read it: {(e.strerror or str(e)).lower()}") from None
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(raw.splitlines(), 1):
