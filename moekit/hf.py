@@ -86,6 +86,9 @@ def _from_pretrained(cls, source: str | Path, what: str, allow_pickle: bool = Fa
     try:
         return cls.from_pretrained(where, trust_remote_code=False, **kw)
     except Exception as e:  # transformers raises OSError/ValueError/KeyError/... for unloadable input
+        if "Weights only load failed" in str(e):  # not torch's advice, which is to run the pickle's code
+            raise MoekitError(f"{path}: its pickle holds objects other than tensors, which only unpickling with "
+                              "code execution could read; moekit never does that") from None
         raise MoekitError(f"{path}: transformers cannot load its {what}: {one_line(e)[:300]}") from None
 
 
@@ -121,6 +124,7 @@ def load_tokenizer(source: str | Path):
     try:
         if path.is_file():  # GGUF carries its vocabulary inside
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        refuse_custom_model_code(path)  # a folder that needs its own code is refused before any text is read
         if not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise MoekitError(
                 f"{path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); text input needs one; "
@@ -131,10 +135,30 @@ def load_tokenizer(source: str | Path):
         raise
     except Exception as e:  # tokenizers raise many types for a broken file
         code = custom_code(path, "tokenizer_config.json") if path.is_dir() else None
+        if code and (path / "tokenizer.json").is_file():
+            return _plain_tokenizer(path)
         if code:
             raise MoekitError(f"{path}: its tokenizer needs the folder's own code ({code}, named by auto_map in "
                               "tokenizer_config.json); moekit never runs code from a checkpoint") from None
         raise MoekitError(f"{path}: cannot load its tokenizer: {one_line(e)[:300]}") from None
+
+
+def _plain_tokenizer(folder: Path):
+    """The folder's tokenizer.json (plain data) with the special tokens its tokenizer_config names,
+    for a folder whose tokenizer class is custom code that moekit does not run."""
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    special = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special[key] = value
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
+    except Exception as e:  # tokenizers raises its own types for a broken file
+        raise MoekitError(f"{folder}: cannot load its tokenizer.json: {one_line(e)[:300]}") from None
 
 
 def load_dense_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> torch.nn.Module:

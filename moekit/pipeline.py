@@ -101,7 +101,8 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
                             f"{out.target.parent}: {', '.join(p.name for p in out.swept)}")
         if not any(f in side_files for f in TOKENIZER_FILES):
             warnings.append(f"{source.path}: no tokenizer files; the output has none either (copy them in by hand)")
-        out.write_json("config.json", config)
+        # auto_map names the source's own Python files, which an output never carries (nor runs)
+        out.write_json("config.json", {k: v for k, v in config.items() if k != "auto_map"})
         seconds = time.perf_counter() - start
         summary = {**summary, "bytes written": out.total_bytes, "seconds": round(seconds, 2),
                    "shards": len(out.shards)}

@@ -267,14 +267,14 @@ class PickleCheckpoint(FolderCheckpoint):
 
 
 def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise MoekitError(f"{path.parent}: no {path.name}; is this a Hugging Face model folder?")
+    with _open_input(path) as f:
+        raw = f.read()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MoekitError(f"{path.parent}: no {path.name}; is this a Hugging Face model folder?") from None
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise MoekitError(f"{path}: not valid JSON ({one_line(e)[:200]})") from None
-    except OSError as e:
-        raise MoekitError(f"{path}: cannot read it: {(e.strerror or str(e)).lower()}") from None
     if not isinstance(data, dict):
         raise MoekitError(f"{path}: expected a JSON object")
     return data

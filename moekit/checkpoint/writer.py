@@ -144,6 +144,10 @@ def check_target(target: Path, sources: list[Path], overwrite: bool) -> None:
     from moekit.options import check_utf8
 
     check_utf8(target, "output")
+    too_long = [p for p in Path(target).parts if len(os.fsencode(p)) > NAME_MAX]
+    if too_long or len(os.fsencode(target)) >= 4096:
+        raise UsageError(f"output {target} is too long for a file system: names take at most {NAME_MAX} bytes, "
+                         "paths 4095")
     target = target.expanduser().resolve()
     for src in sources:
         src = src.resolve()
@@ -204,7 +208,7 @@ class CheckpointWriter:
             self._file.close()
         if not self._committed:
             shutil.rmtree(self.temp, ignore_errors=True)
-        if isinstance(exc, OSError) and str(exc.filename or "").startswith(str(self.temp)):
+        if isinstance(exc, OSError) and (exc.filename is None or str(exc.filename).startswith(str(self.temp))):
             exc.filename = str(self.target)  # the user knows the output, not its hidden temporary name
 
     @property

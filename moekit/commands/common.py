@@ -21,7 +21,7 @@ out = Console()  # results and JSON: stdout, so they can be piped
 err = Console(stderr=True)  # progress, warnings, errors
 
 SourceArg = Annotated[str, typer.Argument(help="Model folder, .gguf file, or a built-in name (smollm2-135m).", show_default=False)]
-OutputArg = Annotated[Path, typer.Argument(help="Output folder; must not exist (see --overwrite).", show_default=False)]
+OutputArg = Annotated[Path, typer.Argument(help="Output folder; must not exist (see --overwrite). Built in a hidden .OUTPUT.moekit-partial-PID folder beside it.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout instead of tables.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists (only once the new one is complete).")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB.")]

@@ -108,6 +108,9 @@ def _require(ckpt: Checkpoint, shape: ModelShape, required: dict[str, tuple[int,
         if tuple(tensors[name].shape) != expected:
             raise MoekitError(f"{ckpt.path}: {name} has shape {tuple(tensors[name].shape)}, the config implies "
                               f"{expected}; the config and the weights disagree")
+        if not tensors[name].dtype.is_floating_point:
+            raise MoekitError(f"{ckpt.path}: {name} holds {str(tensors[name].dtype).removeprefix('torch.')} "
+                              "values; weights of this architecture are floating point")
 
 
 def _first_problem(e: ValidationError) -> str:

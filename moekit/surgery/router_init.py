@@ -357,7 +357,8 @@ def read_text_file(path: str | Path) -> list[str]:
     if not path.is_file():
         raise MoekitError(f"{path}: no such calibration file")
     try:
-        raw = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
     except UnicodeDecodeError:
         raise MoekitError(f"{path}: not UTF-8 text; calibration files are .txt or .jsonl") from None
     except OSError as e:
