@@ -71,8 +71,8 @@ def load_options(model: type[BaseModel], recipe: Path | None, cli: dict) -> Base
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "options"
-        given = "" if first["type"] == "missing" else f" = {first.get('input')!r}"
-        raise UsageError(f"{where}{given}: {first['msg'].lower()}" + (f" (in recipe {recipe})" if recipe else "")) from None
+        given = "" if first["type"] == "missing" else f", got {first.get('input')!r}"
+        raise UsageError(f"{where}: {first['msg']}{given}" + (f" (in recipe {recipe})" if recipe else "")) from None
 
 
 def read_recipe(recipe: Path) -> dict:

@@ -248,7 +248,12 @@ class PickleCheckpoint(FolderCheckpoint):
         for file in self.weight_files():
             _open_input(file).close()
             try:
-                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+                try:
+                    state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+                except RuntimeError as e:  # the legacy (pre-zip) format cannot be memory-mapped
+                    if "mmap" not in str(e):
+                        raise
+                    state.update(torch.load(file, map_location="cpu", weights_only=True))
             except Exception as e:  # torch raises many types for a bad pickle
                 # torch's own advice (weights_only=False "will likely succeed") would run the pickle's code
                 unsafe = "Weights only load failed" in str(e)
