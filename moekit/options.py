@@ -5,22 +5,14 @@ A recipe is the same fields in YAML (see recipes/); flags given on the command l
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from moekit.errors import UsageError, one_line
+from moekit.errors import UsageError, check_utf8, one_line
 
-
-def check_utf8(path: Path | str, what: str) -> None:
-    """moekit.json and the model card name paths in UTF-8 JSON; refuse a name that has no UTF-8 form."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"{what} name {os.fsencode(path)!r} is not valid UTF-8; choose a UTF-8 name") from None
 
 RouterInit = Literal["random", "uniform", "zero", "kmeans", "prompts"]
 

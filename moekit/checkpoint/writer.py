@@ -25,7 +25,7 @@ import torch
 
 from moekit.checkpoint.dtypes import SAFETENSORS_NAME
 from moekit.checkpoint.reader import TensorMeta
-from moekit.errors import MoekitError, UsageError
+from moekit.errors import MoekitError, UsageError, check_utf8
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3  # transformers' default, "5GB"
 # safetensors refuses headers over 100 MB; one-neuron experts mean millions of tiny tensors, so
@@ -141,8 +141,6 @@ def plan_shards(plan: list[TensorMeta], max_shard_size: int) -> list[_Shard]:
 
 def check_target(target: Path, sources: list[Path], overwrite: bool) -> None:
     """Refuse a target that exists (without --overwrite) or that overlaps a source."""
-    from moekit.options import check_utf8
-
     check_utf8(target, "output")
     too_long = [p for p in Path(target).parts if len(os.fsencode(p)) > NAME_MAX]
     if too_long or len(os.fsencode(target)) >= 4096:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moekit.commands.common import JsonOpt, OutputArg, OverwriteOpt, byte_progress, err, handle_errors, out, print_json
+from moekit.commands.common import JsonOpt, OutputArg, OverwriteOpt, byte_progress, err, handle_errors, out, print_json, warn
 from moekit.commands.profile import BatchOpt, DeviceArgOpt, ModelArg, RunDtypeOpt, SeqLenOpt, batch_progress, run_settings
 from moekit.errors import MoekitError
 
@@ -74,7 +74,7 @@ def balance_command(
         rows, held = rows[:split], rows[split:]
     loaded, warnings = load_model(model, torch_dtype, where)
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        warn(w)
     moe = find_moe_layers(loaded)
     held_out = [Domain("held-out", list(held.split(batch_size)))]
     with batch_progress("MaxVio before", not json_output) as progress:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich import box
 from rich.table import Table
 
-from moekit.commands.common import PickleOpt, err, handle_errors, out
+from moekit.commands.common import PickleOpt, err, handle_errors, out, warn
 from moekit.errors import MoekitError, UsageError
 
 ModelArg = Annotated[str, typer.Argument(show_default=False, help="MoE model folder (any MoE family transformers loads).")]
@@ -111,7 +111,7 @@ def profile_command(
     report = {"model": model, "device": f"device_map={device_map}" if device_map else str(where),
               "dtype": config_name(torch_dtype), "batch_size": batch_size, "seq_len": seq_len, **report}
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        warn(w)
     publish(report, json_out, plot, html_out)
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moekit.commands.common import JsonOpt, PickleOpt, err, handle_errors, out, print_json
+from moekit.commands.common import JsonOpt, PickleOpt, err, handle_errors, out, print_json, warn
 from moekit.errors import EXIT_CHECK_FAILED, MoekitError
 
 ModelArg = Annotated[str, typer.Argument(show_default=False, help="Model folder, .gguf file, or a built-in name (smollm2-135m).")]
@@ -79,7 +79,7 @@ def verify_command(
               "inputs": str(data) if data else f"random ids (seed {seed})", "device": str(where), "dtype": config_name(torch_dtype),
               **result, "load_seconds": load_seconds, "tolerance": tolerance, "passed": passed, "warnings": warnings}
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        warn(w)
     if json_output:  # JSON has no NaN/inf: those (broken logits) print as null
         print_json({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in report.items()})
     else:
