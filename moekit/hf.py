@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from moekit.checkpoint import Checkpoint
-from moekit.checkpoint.reader import TOKENIZER_FILES, weights_are_safetensors
+from moekit.checkpoint.reader import TOKENIZER_FILES, PickleCheckpoint, weights_are_safetensors
 from moekit.checkpoint.sources import resolve_source
 from moekit.errors import MoekitError, one_line
 
@@ -81,6 +81,8 @@ def _from_pretrained(cls, source: str | Path, what: str, allow_pickle: bool = Fa
         where = path
         refuse_custom_model_code(path)
         kw["use_safetensors"] = weights_are_safetensors(path, allow_pickle)  # never a pickle unless allowed
+        if not kw["use_safetensors"]:  # read by moekit's weights-only reader first: its refusal is the clear one
+            PickleCheckpoint(path).tensors
     else:
         raise MoekitError(f"{path}: not a model folder (no config.json) nor a .gguf file")
     try:
