@@ -24,6 +24,12 @@ class UsageError(MoekitError):
     exit_code = EXIT_USAGE
 
 
+class DiskError(MoekitError):
+    """The output's disk cannot take it (found before writing, so nothing was written)."""
+
+    exit_code = EXIT_IO
+
+
 
 def one_line(text) -> str:
     """A message (a library's, often several lines) as one line: whitespace runs become one space."""

@@ -405,6 +405,9 @@ CASES: list[Case] = [
     ("upcycle/source-a-symlink-loop", lambda w: {"src": _symlink_loop(w.tmp / "loop")}, U, 3, "loop"),
     ("inspect/config-a-symlink-loop", lambda w: _link_in(w, "config.json"), ["inspect", "{src}"], 3, "config.json"),
     ("convert/weights-a-symlink-loop", lambda w: _link_in(w, "model.safetensors"), ["convert", "{src}", "{out}"], 3, "model.safetensors"),
+    ("inspect/source-a-device", lambda w: {"src": Path("/dev/null")}, ["inspect", "{src}"], 3, "/dev/null"),
+    ("convert/weights-a-fifo", lambda w: _fifo_in(w, "model.safetensors"), ["convert", "{src}", "{out}"], 3, "model.safetensors"),
+    ("upcycle/config-a-fifo", lambda w: _fifo_in(w, "config.json"), U, 3, "config.json"),
     ("upcycle/unicode-source-missing-k_proj", lambda w: _unicode_source(w), U, 3, "k_proj"),
     ("upcycle/weights-permission-denied", lambda w: _unreadable(w, "model.safetensors"), U, 3, "permission denied"),
     ("inspect/config-permission-denied", lambda w: _unreadable(w, "config.json"), ["inspect", "{src}"], 3, "permission denied"),
@@ -524,6 +527,14 @@ def _link_in(w: World, name: str) -> dict:
     return {"src": src}
 
 
+def _fifo_in(w: World, name: str) -> dict:
+    """A named pipe where a file should be: opening it would wait forever for a writer."""
+    src = w.copy("dense")
+    (src / name).unlink()
+    os.mkfifo(src / name)
+    return {"src": src}
+
+
 def _unicode_source(w: World) -> dict:
     src = w.copy("dense", as_name="модель-ü-日本")
     edit_tensors(src, keep=lambda n: "layers.1.self_attn.k_proj" not in n)
@@ -634,12 +645,36 @@ def test_full_disk_midway_is_exit_4_and_names_the_output(world, small_disk, monk
         monkeypatch.setattr(writer, "_write_all", full)
         monkeypatch.setattr(writer, "_copy_range", full)
         out_dir = world.out_dir
-    else:
+    else:  # a disk that says it has room, then fills up midway (as when something else writes to it)
+        from moekit.checkpoint import writer
+
+        monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, 10**9))
         out_dir = small_disk
     world.tmp.joinpath("o").rmdir()
     world.out_dir.symlink_to(out_dir) if small_disk is not None else world.out_dir.mkdir()
     proc = run_case(world, ["upcycle", src, world.out_dir / "moe", "-n", "8", "-k", "2"], 4, "disk full")
     assert "moe" in proc.stderr.splitlines()[0] and TEMP_MARKER not in proc.stderr
+
+
+def test_a_failed_write_removes_the_folders_it_made(world, monkeypatch):
+    """OUTPUT in folders that did not exist: a failure midway leaves none of them."""
+    from moekit.checkpoint import writer
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "_copy_range", full)
+    run_case(world, ["convert", world.copy("dense"), world.out_dir / "new" / "deeper" / "model"], 4, "disk full")
+
+
+def test_too_small_a_disk_is_refused_before_writing(world, small_disk):
+    if small_disk is None:
+        pytest.skip("no tmpfs can be mounted here")
+    src = world.copy("dense")
+    world.tmp.joinpath("o").rmdir()
+    world.out_dir.symlink_to(small_disk)
+    proc = run_case(world, ["upcycle", src, world.out_dir / "moe", "-n", "8", "-k", "2"], 4, "nothing was written")
+    assert "GB free" in proc.stderr
 
 
 def test_full_disk_in_side_files_names_the_output_not_the_source(world, monkeypatch):

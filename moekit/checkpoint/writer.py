@@ -25,7 +25,7 @@ import torch
 
 from moekit.checkpoint.dtypes import SAFETENSORS_NAME
 from moekit.checkpoint.reader import TensorMeta
-from moekit.errors import MoekitError, UsageError, check_utf8
+from moekit.errors import DiskError, MoekitError, UsageError, check_utf8
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3  # transformers' default, "5GB"
 # safetensors refuses headers over 100 MB; one-neuron experts mean millions of tiny tensors, so
@@ -184,6 +184,8 @@ class CheckpointWriter:
         self.bytes_written = 0
         self.temp = self.target.parent / hidden_name(self.target.name, TEMP_MARKER)
         self.swept: list[Path] = []  # partial folders of dead runs removed on the way in
+        missing = [p for p in self.temp.parents if not p.exists()]
+        self._made_parents = missing[::-1]  # created for the output, removed again if it fails
         self._queue = [(shard, meta) for shard in self.shards for meta in shard.tensors]
         self._next = 0
         self._file = None
@@ -195,8 +197,12 @@ class CheckpointWriter:
             if self.temp.exists():
                 shutil.rmtree(self.temp)
             self.temp.mkdir(parents=True)
+            free = shutil.disk_usage(self.temp).free
+            if self.total_bytes > free:  # refused at once, not after minutes of writing
+                raise DiskError(f"output {self.target} needs {self.total_bytes / 1e9:,.2f} GB for its weights, its disk "
+                                f"has {free / 1e9:,.2f} GB free; nothing was written")
             (self.temp / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-        except OSError as e:
+        except (OSError, DiskError) as e:
             self.__exit__(type(e), e, None)
             raise
         return self
@@ -206,6 +212,11 @@ class CheckpointWriter:
             self._file.close()
         if not self._committed:
             shutil.rmtree(self.temp, ignore_errors=True)
+            for folder in reversed(self._made_parents):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # not empty (someone else's) or not ours to remove
         if isinstance(exc, OSError) and (exc.filename is None or str(exc.filename).startswith(str(self.temp))):
             exc.filename = str(self.target)  # the user knows the output, not its hidden temporary name
 
