@@ -98,6 +98,8 @@ def balance_command(
     with byte_progress("writing", not json_output) as progress:
         result = write_balanced(ckpt, output, biases, options=options, layers=layers, summary=summary,
                                 overwrite=overwrite, progress=progress)
+    for w in result.warnings:
+        warn(w)
     if json_output:
         print_json({**summary, "output": str(result.path), "layers": layers})
         return
