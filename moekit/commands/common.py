@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from moekit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO, MoekitError, one_line
+from moekit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, MoekitError, one_line
 
 out = Console()  # results and JSON: stdout, so they can be piped
 err = Console(stderr=True)  # progress, warnings, errors
@@ -51,6 +52,9 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        for name, value in kwargs.items():  # click's float ranges let nan through (nan < min is False)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise fail(f"--{name.replace('_', '-')} must be a finite number, got {value}", EXIT_USAGE)
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
