@@ -117,7 +117,8 @@ def _usage_from_profile(path, layers: list[int]) -> dict[int, torch.Tensor]:
 def _new_domain_states(ckpt: Checkpoint, opts: AddExpertsOptions, layers: list[int], device):
     """Hidden states on --calibration, or on the built-in sample when none is given (the plain
     invocation works; the summary's note says which text it was)."""
-    return calibration_mlp_inputs(ckpt.path, layers, opts.calibration, opts.calibration_tokens, device)
+    return calibration_mlp_inputs(ckpt.path, layers, opts.calibration, opts.calibration_tokens, device,
+                                  allow_pickle=opts.allow_pickle)
 
 
 def _drift(ckpt: Checkpoint, output, opts: AddExpertsOptions, device) -> dict:
@@ -126,7 +127,7 @@ def _drift(ckpt: Checkpoint, output, opts: AddExpertsOptions, device) -> dict:
     from moekit.surgery.router_init import builtin_calibration_text
     from moekit.verify import compare_models, make_inputs, vocab_size
 
-    parent, child = (load_model(p, torch.float32, device)[0] for p in (ckpt.path, output))
+    parent, child = (load_model(p, torch.float32, device, allow_pickle=opts.allow_pickle)[0] for p in (ckpt.path, output))
     try:
         tokenizer = load_tokenizer(ckpt.path)
     except MoekitError:

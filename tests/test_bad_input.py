@@ -745,6 +745,16 @@ def test_plain_add_experts_counts_on_the_builtin_sample(world):
     assert all(len(layer["copied_from"]) == 2 for layer in layers)
 
 
+@pytest.mark.parametrize("cmd", [["add-experts", "-m", "1", "--drift-tokens", "256"],
+                                 ["split-granularity", "-g", "2", "--partition", "coactivation", "--calibration-tokens", "1024"]])
+def test_allow_pickle_reaches_every_load_of_the_command(world, cmd):
+    """--allow-pickle holds for the forward passes too (drift, calibration), not only the surgery."""
+    src = world.copy("moe")
+    to_pickle(src)
+    run_case(world, [cmd[0], src, world.out, *cmd[1:], "--allow-pickle"], 0, None)
+    assert (world.out / "model.safetensors").is_file()
+
+
 def test_plain_balance_uses_the_builtin_sample(world):
     src = world.copy("glm")
     run_case(world, ["balance", src, world.out, "--steps", "3", "--max-tokens", "2048", "--seq-len", "64"], 0, None)

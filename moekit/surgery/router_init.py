@@ -136,12 +136,13 @@ def collect_mlp_inputs(
     return collect_mlp_inputs_from_ids(model, batches, layers, max_tokens, device)
 
 
-def calibration_mlp_inputs(source, layers: list[int], calibration, max_tokens: int, device) -> dict[int, torch.Tensor]:
+def calibration_mlp_inputs(source, layers: list[int], calibration, max_tokens: int, device,
+                           allow_pickle: bool = False) -> dict[int, torch.Tensor]:
     """MLP inputs of `layers` on calibration text (a user's file, or the built-in sample), with the
     model loaded by `from_pretrained` (which maps per-expert keys onto 5.x's fused experts)."""
     from moekit.hf import load_model, load_tokenizer
 
-    model, tokenizer = load_model(source, torch.float32, device)[0], load_tokenizer(source)
+    model, tokenizer = load_model(source, torch.float32, device, allow_pickle=allow_pickle)[0], load_tokenizer(source)
     texts = read_text_file(calibration) if calibration else builtin_calibration_text()
     return collect_mlp_inputs(model, texts, tokenizer, layers, max_tokens, seq_len=512, device=device)
 
