@@ -45,7 +45,8 @@ def custom_code(folder: Path, file: str) -> str | None:
     if not auto_map:
         return None
     refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
-    return ", ".join(sorted({str(r[0] if isinstance(r, list) and r else r).split(".")[0] + ".py" for r in refs}))
+    names = [next((x for x in r if x), None) if isinstance(r, list) else r for r in refs]  # [slow, fast] pairs
+    return ", ".join(sorted({str(n).split("--")[-1].split(".")[0] + ".py" for n in names if n})) or "auto_map"
 
 
 def refuse_custom_model_code(folder: Path) -> None:

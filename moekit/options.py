@@ -61,10 +61,15 @@ def load_options(model: type[BaseModel], recipe: Path | None, cli: dict) -> Base
     try:
         return model(**data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "options"
-        given = "" if first["type"] == "missing" else f", got {first.get('input')!r}"
-        raise UsageError(f"{where}: {first['msg']}{given}" + (f" (in recipe {recipe})" if recipe else "")) from None
+        raise UsageError(first_problem(e) + (f" (in recipe {recipe})" if recipe else "")) from None
+
+
+def first_problem(e: ValidationError) -> str:
+    """pydantic's first complaint as `field: what is wrong, got VALUE`."""
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "options"
+    given = "" if first["type"] == "missing" else f", got {first.get('input')!r}"
+    return f"{where}: {first['msg']}{given}"
 
 
 def read_recipe(recipe: Path) -> dict:

@@ -14,6 +14,7 @@ from moekit.architectures import (ATTENTION_TENSORS, DENSE_FFN_TENSORS, DENSE_LA
                                   UNTIED_HEAD, read_field)
 from moekit.checkpoint import Checkpoint
 from moekit.errors import MoekitError
+from moekit.options import first_problem
 from moekit.targets import PROJS, Target
 
 Positive = Annotated[StrictInt, Field(gt=0)]
@@ -50,7 +51,7 @@ def model_shape(ckpt: Checkpoint, extra: list[str | tuple[str, ...]] = ()) -> Mo
     try:
         shape = ModelShape.model_validate(cfg)
     except ValidationError as e:
-        raise MoekitError(f"{ckpt.path}: config {_first_problem(e)}") from None
+        raise MoekitError(f"{ckpt.path}: config {first_problem(e)}") from None
     for field in extra:
         value = read_field(cfg, field)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -112,10 +113,3 @@ def _require(ckpt: Checkpoint, shape: ModelShape, required: dict[str, tuple[int,
             raise MoekitError(f"{ckpt.path}: {name} holds {str(tensors[name].dtype).removeprefix('torch.')} "
                               "values; weights of this architecture are floating point")
 
-
-def _first_problem(e: ValidationError) -> str:
-    first = e.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "missing":
-        return f"has no {where}"
-    return f"{where} = {first.get('input')!r}: {first['msg'].lower()}"
