@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from moekit.checkpoint import Checkpoint
-from moekit.checkpoint.reader import TOKENIZER_FILES, PickleCheckpoint, weights_are_safetensors
+from moekit.checkpoint.reader import TOKENIZER_FILES, SafetensorsCheckpoint, open_checkpoint
 from moekit.checkpoint.sources import resolve_source
 from moekit.errors import MoekitError, one_line
+from moekit.surgery.requirements import check_complete
 
 # Config keys that `AutoConfig.for_model` must not see: the type is its positional argument,
 # `auto_map` would point at remote code, `quantization_config` makes transformers expect
@@ -72,7 +73,7 @@ def _config_value(folder: Path, key: str):
     return data.get(key) if isinstance(data, dict) else None
 
 
-def _from_pretrained(cls, source: str | Path, what: str, allow_pickle: bool = False, **kw):
+def _from_pretrained(cls, source: str | Path, what: str, allow_pickle: bool = False, complete: bool = False, **kw):
     """`cls.from_pretrained` on a folder or a .gguf file, never with remote code and never reading a
     pickle unless allowed; any failure becomes one line."""
     path = resolve_source(source)
@@ -81,9 +82,13 @@ def _from_pretrained(cls, source: str | Path, what: str, allow_pickle: bool = Fa
     elif (path / "config.json").is_file():
         where = path
         refuse_custom_model_code(path)
-        kw["use_safetensors"] = weights_are_safetensors(path, allow_pickle)  # never a pickle unless allowed
-        if not kw["use_safetensors"]:  # read by moekit's weights-only reader first: its refusal is the clear one
-            PickleCheckpoint(path).tensors
+        # moekit's reader first: the pickle rule (a pickle is read weights-only, and its refusal is the
+        # clear one), an index that disagrees with its shards, corrupt headers
+        ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+        ckpt.tensors
+        if complete:
+            check_complete(ckpt)
+        kw["use_safetensors"] = isinstance(ckpt, SafetensorsCheckpoint)
     else:
         raise MoekitError(f"{path}: not a model folder (no config.json) nor a .gguf file")
     try:
@@ -96,10 +101,13 @@ def _from_pretrained(cls, source: str | Path, what: str, allow_pickle: bool = Fa
 
 
 def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "auto",
-               device_map: str | None = None, allow_pickle: bool = False) -> tuple[torch.nn.Module, list[str]]:
+               device_map: str | None = None, allow_pickle: bool = False,
+               complete: bool = False) -> tuple[torch.nn.Module, list[str]]:
     """The model in eval mode on `device` (or spread by accelerate's `device_map`, e.g. "auto"
     for a model larger than one GPU), and warnings about weights the checkpoint lacked
-    (transformers initialises those randomly, so the comparison would measure noise)."""
+    (transformers initialises those randomly, so the comparison would measure noise).
+    `complete`: a checkpoint that lacks weights is refused instead (profile and balance would
+    measure, and balance write, a partly random model)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -107,12 +115,14 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: s
     hf_logging.set_verbosity_error()  # moekit reports what matters itself, one line each
     hf_logging.disable_progress_bar()
     placement = {"device_map": device_map} if device_map else {}
-    model, info = _from_pretrained(AutoModelForCausalLM, source, "model", allow_pickle, dtype=dtype,
+    model, info = _from_pretrained(AutoModelForCausalLM, source, "model", allow_pickle, complete, dtype=dtype,
                                    output_loading_info=True, **placement)
     warnings = []
     for kind, consequence in (("missing_keys", "missing from the checkpoint, randomly initialised"),
                               ("unexpected_keys", "in the checkpoint but not used by the model")):
         keys = sorted(info.get(kind) or ())
+        if keys and complete and kind == "missing_keys":
+            raise MoekitError(f"{source}: the checkpoint lacks {len(keys)} weight(s) the model needs, e.g. {keys[0]}")
         if keys:
             warnings.append(f"{source}: {len(keys)} weight(s) {consequence}: {', '.join(keys[:3])}"
                             + (", ..." if len(keys) > 3 else ""))

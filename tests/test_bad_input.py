@@ -354,6 +354,11 @@ CASES: list[Case] = [
     ("upcycle/integer-weights", _retype(r"layers\.0\.self_attn\.k_proj", torch.int32), U, 3, "int32"),
     ("split/integer-router", _retype(r"layers\.1\.block_sparse_moe\.gate\.", torch.int64, "moe"), ["split-granularity", "{src}", "{out}", "-g", "2"], 3, "int64"),
     ("inspect/unsupported-dtype", _retype(r"embed_tokens", torch.uint16), ["inspect", "{src}"], 3, "unsupported dtype"),
+    ("verify/index-names-a-tensor-its-shard-lacks", _sharded(_lie_missing_tensor), ["verify", "{src}", "{src}"], 3, "no shard holds"),
+    ("profile/index-puts-a-tensor-in-the-wrong-shard", _sharded(_lie_wrong_shard, kind="moe"), ["profile", "{src}"], 3, "disagree"),
+    ("profile/missing-expert", _moe(drop=r"layers\.1\.block_sparse_moe\.experts\.2\.w1"), ["profile", "{src}"], 3, "lacks"),
+    ("balance/missing-attention", _moe("glm", drop=r"layers\.0\.self_attn\.q_proj"), ["balance", "{src}", "{out}"], 3, "q_proj"),
+    ("verify/truncated-safetensors", _weights_bytes(lambda b: b[: len(b) - 1000]), ["verify", "{src}", "{src}"], 3, "truncated"),
     ("split/dense-missing-up_proj", _drop(r"layers\.1\.mlp\.up_proj"), ["split-granularity", "{src}", "{out}", "-g", "2"], 3, "up_proj"),
     # class 4: inconsistent or ill-typed configs and indexes: one line, exit 3
     ("upcycle/config-without-num_hidden_layers", lambda w: _dense_drop(w, "num_hidden_layers"), U, 3, "num_hidden_layers"),

@@ -72,7 +72,7 @@ def balance_command(
     else:
         split = len(rows) - max(1, len(rows) // 4)
         rows, held = rows[:split], rows[split:]
-    loaded, warnings = load_model(model, torch_dtype, where)
+    loaded, warnings = load_model(model, torch_dtype, where, complete=True)
     for w in warnings:
         warn(w)
     moe = find_moe_layers(loaded)

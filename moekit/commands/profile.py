@@ -102,7 +102,7 @@ def profile_command(
     if config.get("model_type") not in MOE_CONFIG:
         raise MoekitError(NOTHING_TO_PROFILE)
     domains = read_domains(data or [], load_tokenizer(model), seq_len, batch_size, max_tokens)
-    loaded, warnings = load_model(model, torch_dtype, where, device_map, allow_pickle=allow_pickle)
+    loaded, warnings = load_model(model, torch_dtype, where, device_map, allow_pickle=allow_pickle, complete=True)
     main_process = distributed_rank()[0] == 0
     with batch_progress("profiling", main_process and str(json_out) != "-") as progress:
         report = profile(loaded, domains, factors, progress)

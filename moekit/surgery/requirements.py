@@ -113,3 +113,16 @@ def _require(ckpt: Checkpoint, shape: ModelShape, required: dict[str, tuple[int,
             raise MoekitError(f"{ckpt.path}: {name} holds {str(tensors[name].dtype).removeprefix('torch.')} "
                               "values; weights of this architecture are floating point")
 
+
+
+def check_complete(ckpt: Checkpoint) -> None:
+    """For the model types moekit knows: the whole architecture is there (the MoE checks of
+    split/add-experts, the dense ones of upcycle). Other types are left to their loader."""
+    from moekit.surgery.layout import moe_layer_indices
+    from moekit.targets import TARGETS
+
+    model_type = ckpt.config.get("model_type")
+    if model_type in TARGETS:
+        moe_layer_indices(ckpt, TARGETS[model_type])
+    elif model_type in DENSE_LAYER_NORMS:
+        check_dense(ckpt)
