@@ -71,7 +71,8 @@ Exit codes: 0 ok, 1 a check failed, 2 usage error, 3 bad input, 4 disk error, 13
 
 An interrupted or killed run leaves nothing that looks finished: it writes into a hidden
 `.OUTPUT.moekit-partial-PID` folder beside OUTPUT; one killed outright (SIGKILL, power loss)
-leaves that folder behind, and the next run writing into the same parent folder removes it.""",
+leaves that folder behind, and the next run writing into the same parent folder removes it
+(and puts back an old output that a killed --overwrite had moved aside).""",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",

@@ -97,8 +97,7 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
         side_files = source.write_side_files(out.files_dir)
         warnings = []
         if out.swept:
-            warnings.append(f"removed {len(out.swept)} partial output folder(s) that killed runs left in "
-                            f"{out.target.parent}: {', '.join(p.name for p in out.swept)}")
+            warnings.append(f"cleaned up after killed runs in {out.target.parent}: {'; '.join(out.swept)}")
         if not any(f in side_files for f in TOKENIZER_FILES):
             warnings.append(f"{source.path}: no tokenizer files; the output has none either (copy them in by hand)")
         # auto_map names the source's own Python files, which an output never carries (nor runs)

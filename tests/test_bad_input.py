@@ -908,9 +908,34 @@ def test_signal_midway(world, sig):
     assert len(left) == 1 and left[0].startswith(".out" + TEMP_MARKER), left
     again = run_moekit("convert", str(src), str(world.out_dir / "other"))
     assert again.returncode == 0, again.stderr
-    swept = [line for line in again.stderr.splitlines() if "partial output folder" in line]
+    swept = [line for line in again.stderr.splitlines() if "killed runs" in line]
     assert len(swept) == 1 and left[0] in swept[0]
     assert sorted(p.name for p in world.out_dir.iterdir()) == ["other"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("swap_done", [False, True])
+def test_an_overwrite_killed_between_its_renames_loses_no_model(world, swap_done):
+    """--overwrite moves the old output aside, then the new one in. Killed in between, the next run
+    puts the old one back; killed after, it removes the old one."""
+    src = world.copy("dense")
+    pid = _dead_pid()
+    old = world.out_dir / f".model.moekit-old-{pid}"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    if swap_done:
+        (world.out_dir / "model").mkdir()
+    proc = run_moekit("convert", str(src), str(world.out_dir / "other"))
+    assert proc.returncode == 0, proc.stderr
+    assert not old.exists()
+    assert (world.out_dir / "model" / "config.json").is_file() != swap_done
+    line = [x for x in proc.stderr.splitlines() if "killed runs" in x]
+    assert len(line) == 1 and ("removed" if swap_done else "restored model") in line[0]
 
 
 def test_a_live_runs_partial_folder_is_not_swept(world):

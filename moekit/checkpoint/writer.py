@@ -35,7 +35,8 @@ _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
 TEMP_MARKER = ".moekit-partial-"
 OWNER_FILE = ".moekit-owner.json"  # in a partial folder: which host and process write it
-_PARTIAL = re.compile(r"^\..*" + re.escape(TEMP_MARKER) + r"(\d+)$")
+OLD_MARKER = ".moekit-old-"  # an output that --overwrite moved aside until the new one is in place
+_HIDDEN = re.compile(r"^\.(.*)(" + re.escape(TEMP_MARKER) + "|" + re.escape(OLD_MARKER) + r")(\d+)$")
 NAME_MAX = 255  # bytes of one file name on Linux file systems
 
 
@@ -50,21 +51,32 @@ def hidden_name(name: str, marker: str) -> str:
     return f".{keep}-{digest}{suffix}"
 
 
-def sweep_partials(folder: Path) -> list[Path]:
-    """Remove the partial output folders in `folder` whose writing process is gone (killed outright,
-    so it could not clean up): on this host, its process id no longer runs. Returns them."""
-    swept = []
+def sweep_partials(folder: Path) -> list[str]:
+    """Clean up after runs killed outright (they could not themselves) in `folder`: on this host,
+    whose process id no longer runs. Their partial folders are removed; the old output an
+    `--overwrite` had moved aside is put back where the new one never arrived, else removed.
+    Returns what was done, one phrase each."""
+    done = []
     try:
         entries = list(folder.iterdir())
     except OSError:
-        return swept  # a parent that is not there (yet) or unreadable: the writer reports that itself
+        return done  # a parent that is not there (yet) or unreadable: the writer reports that itself
     for path in entries:
-        m = _PARTIAL.match(path.name)
-        if not m or not path.is_dir() or path.is_symlink() or _writer_alive(path, int(m.group(1))):
+        m = _HIDDEN.match(path.name)
+        if not m or not path.is_dir() or path.is_symlink() or _writer_alive(path, int(m.group(3))):
             continue
-        shutil.rmtree(path, ignore_errors=True)
-        swept.append(path)
-    return swept
+        name, marker = m.group(1), m.group(2)
+        if marker == TEMP_MARKER:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}")
+        elif path.name == f".{name}{marker}{m.group(3)}" and len(path.name.encode()) < NAME_MAX:  # not a hashed name
+            if (folder / name).exists():  # the swap completed: this is the replaced output
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"removed {path.name}")
+            else:  # killed between the two renames: the old output is the only one
+                path.rename(folder / name)
+                done.append(f"restored {name} from {path.name}")
+    return done
 
 
 def _writer_alive(partial: Path, pid: int) -> bool:
@@ -183,7 +195,7 @@ class CheckpointWriter:
         self.total_bytes = sum(m.nbytes for m in plan)
         self.bytes_written = 0
         self.temp = self.target.parent / hidden_name(self.target.name, TEMP_MARKER)
-        self.swept: list[Path] = []  # partial folders of dead runs removed on the way in
+        self.swept: list[str] = []  # what was cleaned up after killed runs on the way in
         missing = [p for p in self.temp.parents if not p.exists()]
         self._made_parents = missing[::-1]  # created for the output, removed again if it fails
         self._queue = [(shard, meta) for shard in self.shards for meta in shard.tensors]
@@ -291,7 +303,7 @@ class CheckpointWriter:
         _fsync_folder(self.temp)
         old = None
         if self.target.exists():  # --overwrite: swap, then delete the old one
-            old = self.target.parent / hidden_name(self.target.name, ".moekit-old-")
+            old = self.target.parent / hidden_name(self.target.name, OLD_MARKER)
             self.target.rename(old)
         self.temp.rename(self.target)
         self._committed = True
