@@ -86,3 +86,36 @@ def child_weight_factor(routing: Routing, config: dict, granularity: int) -> flo
     if routing is SIGMOID_BIASED and not config.get("norm_topk_prob"):
         return 1.0
     return float(granularity)
+
+
+# What a checkpoint must hold before any surgery writes a byte (checked by moekit.surgery.requirements):
+# tensor name -> shape, in config terms. `{i}` is a layer; q = heads × head_dim, kv = kv heads × head_dim.
+MODEL_TENSORS = {
+    "model.embed_tokens.weight": ("vocab_size", "hidden_size"),
+    "model.norm.weight": ("hidden_size",),
+}
+UNTIED_HEAD = {"lm_head.weight": ("vocab_size", "hidden_size")}  # unless tie_word_embeddings
+ATTENTION_TENSORS = {
+    "model.layers.{i}.self_attn.q_proj.weight": ("q", "hidden_size"),
+    "model.layers.{i}.self_attn.k_proj.weight": ("kv", "hidden_size"),
+    "model.layers.{i}.self_attn.v_proj.weight": ("kv", "hidden_size"),
+    "model.layers.{i}.self_attn.o_proj.weight": ("hidden_size", "q"),
+}
+DENSE_FFN_TENSORS = {
+    "model.layers.{i}.mlp.gate_proj.weight": ("intermediate_size", "hidden_size"),
+    "model.layers.{i}.mlp.up_proj.weight": ("intermediate_size", "hidden_size"),
+    "model.layers.{i}.mlp.down_proj.weight": ("hidden_size", "intermediate_size"),
+}
+_PRE_NORM = {"model.layers.{i}.input_layernorm.weight": ("hidden_size",),
+             "model.layers.{i}.post_attention_layernorm.weight": ("hidden_size",)}
+# Per-layer norms of each dense family (OLMo 2 normalises after attention and MLP, and its q/k norms
+# span all heads; Qwen3's span one head).
+DENSE_LAYER_NORMS = {
+    "llama": _PRE_NORM, "mistral": _PRE_NORM, "qwen2": _PRE_NORM, "granite": _PRE_NORM,
+    "qwen3": {**_PRE_NORM, "model.layers.{i}.self_attn.q_norm.weight": ("head_dim",),
+              "model.layers.{i}.self_attn.k_norm.weight": ("head_dim",)},
+    "olmo2": {"model.layers.{i}.post_attention_layernorm.weight": ("hidden_size",),
+              "model.layers.{i}.post_feedforward_layernorm.weight": ("hidden_size",),
+              "model.layers.{i}.self_attn.q_norm.weight": ("q",),
+              "model.layers.{i}.self_attn.k_norm.weight": ("kv",)},
+}

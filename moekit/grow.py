@@ -45,7 +45,12 @@ def run_add_experts(opts: AddExpertsOptions, progress: Progress | None = None) -
         usage=lambda layers: _usage(source, opts, layers, states),
         kmeans_rows=lambda layers: _kmeans_rows(source, opts, states(tuple(layers))))
     out_dtype = plan.outputs[0].meta.dtype
-    summary = {"target": plan.target.model_type, "old_experts": plan.old_experts, "experts": plan.experts,
+    note = {}
+    if states.cache_info().currsize and not opts.calibration:  # a data-driven choice ran on the built-in sample
+        note["note"] = (f"no --calibration: --copy-from {opts.copy_from} / --router-init {opts.router_init} used "
+                        "hidden states of the built-in English sample; give new-domain text with --calibration "
+                        "(or counts with --profile)")
+    summary = {**note, "target": plan.target.model_type, "old_experts": plan.old_experts, "experts": plan.experts,
                "top_k": plan.top_k, "init": opts.init, "router_init": opts.router_init, "moe_layers": len(plan.layers),
                "trainable_tensors": sum(v != "frozen" for v in plan.freeze["tensors"].values()),
                "dtype": str(out_dtype).removeprefix("torch.")}
@@ -110,10 +115,10 @@ def _usage_from_profile(path, layers: list[int]) -> dict[int, torch.Tensor]:
 
 
 def _new_domain_states(ckpt: Checkpoint, opts: AddExpertsOptions, layers: list[int], device):
-    if not opts.calibration:
-        raise UsageError(f"--copy-from {opts.copy_from} and --router-init kmeans read new-domain text: "
-                         "give --calibration FILE (or --profile for the counts)")
-    return calibration_mlp_inputs(ckpt.path, layers, opts.calibration, opts.calibration_tokens, device)
+    """Hidden states on --calibration, or on the built-in sample when none is given (the plain
+    invocation works; the summary's note says which text it was)."""
+    return calibration_mlp_inputs(ckpt.path, layers, opts.calibration, opts.calibration_tokens, device,
+                                  allow_pickle=opts.allow_pickle)
 
 
 def _drift(ckpt: Checkpoint, output, opts: AddExpertsOptions, device) -> dict:
@@ -122,7 +127,7 @@ def _drift(ckpt: Checkpoint, output, opts: AddExpertsOptions, device) -> dict:
     from moekit.surgery.router_init import builtin_calibration_text
     from moekit.verify import compare_models, make_inputs, vocab_size
 
-    parent, child = (load_model(p, torch.float32, device)[0] for p in (ckpt.path, output))
+    parent, child = (load_model(p, torch.float32, device, allow_pickle=opts.allow_pickle)[0] for p in (ckpt.path, output))
     try:
         tokenizer = load_tokenizer(ckpt.path)
     except MoekitError:

@@ -98,6 +98,15 @@ def describe(ckpt: Checkpoint) -> dict:
     return report
 
 
+def _count(cfg: dict, field, notes: list[str]) -> int | None:
+    """A config count, or None (with a note) where the config gives something that is not one."""
+    value = read_field(cfg, field)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    notes.append(f"config's {field if isinstance(field, str) else field[0]} is {value!r}, not a positive integer")
+    return None
+
+
 def _describe_moe(cfg, model_type, layers, moe_layers, dense_layers, notes) -> dict:
     fields = MOE_CONFIG.get(model_type)
     if fields is None:
@@ -110,8 +119,8 @@ def _describe_moe(cfg, model_type, layers, moe_layers, dense_layers, notes) -> d
     n_experts = distinct_counts.pop() if len(distinct_counts) == 1 else None
     if n_experts is None:
         notes.append(f"expert counts differ between layers: {counts}")
-    top_k = read_field(cfg, fields.top_k) if fields else None
-    cfg_experts = read_field(cfg, fields.experts) if fields else None
+    top_k = _count(cfg, fields.top_k, notes) if fields else None
+    cfg_experts = _count(cfg, fields.experts, notes) if fields else None
     if cfg_experts is not None and n_experts is not None and cfg_experts != n_experts:
         notes.append(f"config says {cfg_experts} experts ({fields.experts}), the weights hold {n_experts}")
     shared = None

@@ -103,9 +103,12 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
         config = for_both_lines(config, defaults_of=source.config.get("model_type"))
         notes = [*notes, *caveats(Facts.of_folder(out.files_dir, config, (o.meta.name for o in outputs)))]
         warnings = list(notes)
+        if out.swept:
+            warnings.append(f"cleaned up after killed runs in {out.target.parent}: {'; '.join(out.swept)}")
         if not any(f in side_files for f in TOKENIZER_FILES):
             warnings.append(f"{source.path}: no tokenizer files; the output has none either (copy them in by hand)")
-        out.write_json("config.json", config)
+        # auto_map names the source's own Python files, which an output never carries (nor runs)
+        out.write_json("config.json", {k: v for k, v in config.items() if k != "auto_map"})
         seconds = time.perf_counter() - start
         summary = {**summary, "bytes written": out.total_bytes, "seconds": round(seconds, 2),
                    "shards": len(out.shards)}

@@ -31,7 +31,8 @@ def run_split(opts: SplitOptions, progress: Progress | None = None) -> tuple[Wri
     device = resolve_device(opts.device) if opts.partition in ("kmeans", "coactivation") else "cpu"
     plan = plan_split(source, opts.granularity, top_k=opts.top_k, method=opts.partition, seed=opts.seed, dtype=dtype,
                       hidden_states=lambda layers: calibration_mlp_inputs(ckpt.path, layers, opts.calibration,
-                                                                          opts.calibration_tokens, device),
+                                                                          opts.calibration_tokens, device,
+                                                                          allow_pickle=opts.allow_pickle),
                       device=device)
     out_dtype = plan.outputs[0].meta.dtype
     summary = {"target": plan.target.model_type, "from": "dense" if dense else f"{plan.experts // opts.granularity} experts",

@@ -29,6 +29,8 @@ def _texts(data: Path) -> Iterator[str]:
     with open(data, encoding="utf-8", errors="replace") as f:  # odd bytes must not stop a check
         if data.suffix != ".jsonl":
             while piece := f.read(1 << 16):  # streaming: only the first --tokens tokens are needed
+                if "\x00" in piece or piece.count("\ufffd") > len(piece) // 10:  # but a binary file is no text
+                    raise MoekitError(f"{data}: not UTF-8 text (a binary file?); --data takes .txt or .jsonl")
                 yield piece
             return
         for n, line in enumerate(f, 1):

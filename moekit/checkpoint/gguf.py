@@ -144,7 +144,7 @@ class GGUFCheckpoint(Checkpoint):
         """The tokenizer lives inside the GGUF; transformers knows how to rebuild it from there."""
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name, trust_remote_code=False)
         written = [Path(f).name for f in tokenizer.save_pretrained(dest)]
         generation = {k: self.config[k] for k in ("bos_token_id", "eos_token_id") if k in self.config}
         (dest / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

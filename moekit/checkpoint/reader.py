@@ -6,6 +6,7 @@ reading any weights, and one tensor at a time on request. Surgery never holds a 
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import struct
@@ -17,7 +18,9 @@ from pathlib import Path
 import torch
 
 from moekit.checkpoint.dtypes import SAFETENSORS_DTYPES
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, one_line
+
+DISK_FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 # Files a model folder carries besides weights and config, copied to every output unchanged.
 SIDE_FILES = (
@@ -110,7 +113,12 @@ class FolderCheckpoint(Checkpoint, ABC):
         copied = []
         for name in SIDE_FILES:
             if (self.path / name).is_file():
-                shutil.copy2(self.path / name, dest / name)
+                try:
+                    shutil.copy2(self.path / name, dest / name)
+                except OSError as e:
+                    if e.errno in DISK_FULL_OR_READ_ONLY:  # the output's disk, not the source's file
+                        e.filename = str(dest / name)
+                    raise
                 copied.append(name)
         return copied
 
@@ -127,18 +135,22 @@ class SafetensorsCheckpoint(FolderCheckpoint):
         super().__init__(path)
         self._where: dict[str, tuple[Path, int, int]] = {}  # name -> (file, start byte, end byte)
 
-    def weight_files(self) -> list[Path]:
+    @cached_property
+    def weight_map(self) -> dict[str, str] | None:
+        """The index's tensor name -> shard file name (None for one model.safetensors), checked."""
         index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise MoekitError(f"{index}: no weight_map; the index file is damaged")
-            files = sorted({self.path / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise MoekitError(f"{self.path}: shard(s) listed in the index are missing: {', '.join(missing)}")
-            return files
-        return [self.path / "model.safetensors"]
+        if not index.is_file():
+            return None
+        return read_weight_map(index)
+
+    def weight_files(self) -> list[Path]:
+        if self.weight_map is None:
+            return [self.path / "model.safetensors"]
+        files = sorted({self.path / f for f in self.weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise MoekitError(f"{self.path}: shard(s) listed in the index are missing: {', '.join(missing)}")
+        return files
 
     @cached_property
     def tensors(self) -> dict[str, TensorMeta]:
@@ -146,12 +158,22 @@ class SafetensorsCheckpoint(FolderCheckpoint):
         for file in self.weight_files():
             header, data_start = _safetensors_header(file)
             for name, info in header.items():
+                if name in metas:
+                    raise MoekitError(f"{file}: tensor {name} is held by two shards; the checkpoint is inconsistent")
+                if self.weight_map is not None and self.weight_map.get(name) != file.name:
+                    raise MoekitError(f"{file}: holds tensor {name}, which the index "
+                                      + (f"puts in {self.weight_map[name]}" if name in self.weight_map else "does not list")
+                                      + "; the index and the shards disagree")
                 dtype = SAFETENSORS_DTYPES.get(info["dtype"])
                 if dtype is None:
                     raise MoekitError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
                 metas[name] = TensorMeta(name, tuple(info["shape"]), dtype)
                 begin, end = info["data_offsets"]
                 self._where[name] = (file, data_start + begin, data_start + end)
+        lost = sorted(set(self.weight_map or ()) - set(metas))
+        if lost:
+            raise MoekitError(f"{self.path}: the index lists {len(lost)} tensor(s) no shard holds, e.g. {lost[0]} "
+                              f"(said to be in {self.weight_map[lost[0]]}); the index and the shards disagree")
         return metas
 
     def byte_range(self, name: str) -> tuple[Path, int, int]:
@@ -163,7 +185,7 @@ class SafetensorsCheckpoint(FolderCheckpoint):
         file, start, end = self._where[name]
         out = torch.empty(meta.shape, dtype=meta.dtype)
         buf = out.view(-1).view(torch.uint8).numpy() if meta.numel else bytearray()
-        with open(file, "rb") as f:
+        with _open_input(file) as f:
             f.seek(start)
             if f.readinto(buf) != end - start:
                 raise MoekitError(f"{file}: ends inside tensor {name}; the file is truncated")
@@ -174,6 +196,7 @@ def _safetensors_header(file: Path) -> tuple[dict, int]:
     """Validate a safetensors file with the safetensors library; return its header and data offset."""
     from safetensors import SafetensorError, safe_open
 
+    _open_input(file).close()  # an unreadable file is named as such, not as missing or corrupt
     try:
         with safe_open(str(file), framework="pt"):
             pass
@@ -181,9 +204,30 @@ def _safetensors_header(file: Path) -> tuple[dict, int]:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
     except (SafetensorError, OSError, ValueError, struct.error) as e:
-        raise MoekitError(f"{file}: not a readable safetensors file (corrupt or truncated?): {e}") from None
+        raise MoekitError(f"{file}: not a readable safetensors file (corrupt or truncated?): {one_line(e)}") from None
+    if not isinstance(header, dict):
+        raise MoekitError(f"{file}: not a readable safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     return header, 8 + length
+
+
+def _open_input(file: Path):
+    """`open(file, "rb")`, failing as bad input (exit 3) with the reason: permission denied, ..."""
+    try:
+        return open(file, "rb")
+    except OSError as e:
+        raise MoekitError(f"{file}: cannot read it: {(e.strerror or str(e)).lower()}") from None
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """An index file's weight_map, refused unless it maps tensor names to shard files in the folder."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise MoekitError(f"{index}: no weight_map (tensor name -> shard file); the index file is damaged")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file or Path(file).name != file:
+            raise MoekitError(f"{index}: weight_map gives {name!r} the shard {file!r}, not a file name in the folder")
+    return weight_map
 
 
 class PickleCheckpoint(FolderCheckpoint):
@@ -195,17 +239,27 @@ class PickleCheckpoint(FolderCheckpoint):
     def weight_files(self) -> list[Path]:
         index = self.path / "pytorch_model.bin.index.json"
         if index.is_file():
-            return sorted({self.path / f for f in _read_json(index)["weight_map"].values()})
+            return sorted({self.path / f for f in read_weight_map(index).values()})
         return [self.path / "pytorch_model.bin"]
 
     @cached_property
     def _state(self) -> dict[str, torch.Tensor]:
         state = {}
         for file in self.weight_files():
+            _open_input(file).close()
             try:
-                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+                try:
+                    state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+                except RuntimeError as e:  # the legacy (pre-zip) format cannot be memory-mapped
+                    if "mmap" not in str(e):
+                        raise
+                    state.update(torch.load(file, map_location="cpu", weights_only=True))
             except Exception as e:  # torch raises many types for a bad pickle
-                raise MoekitError(f"{file}: cannot read it with weights_only=True: {e}") from None
+                # torch's own advice (weights_only=False "will likely succeed") would run the pickle's code
+                unsafe = "Weights only load failed" in str(e)
+                raise MoekitError(f"{file}: " + ("cannot read it with weights_only=True: it holds objects other "
+                                  "than tensors, which only unpickling with code execution could read; moekit never "
+                                  "does that" if unsafe else f"not a readable pickle checkpoint ({one_line(e)[:200]})")) from None
         return state
 
     @cached_property
@@ -218,12 +272,14 @@ class PickleCheckpoint(FolderCheckpoint):
 
 
 def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise MoekitError(f"{path.parent}: no {path.name}; is this a Hugging Face model folder?")
+    with _open_input(path) as f:
+        raw = f.read()
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MoekitError(f"{path.parent}: no {path.name}; is this a Hugging Face model folder?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoekitError(f"{path}: not valid JSON ({e})") from None
+        data = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise MoekitError(f"{path}: not valid JSON ({one_line(e)[:200]})") from None
     if not isinstance(data, dict):
         raise MoekitError(f"{path}: expected a JSON object")
     return data
@@ -245,13 +301,19 @@ def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, dtype: to
         raise MoekitError(f"{path}: expected a model folder or a .gguf file")
     if not (path / "config.json").is_file():
         raise MoekitError(f"{path}: no config.json; is this a Hugging Face model folder?")
-    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
-        return SafetensorsCheckpoint(path)
-    if (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file():
+    return SafetensorsCheckpoint(path) if weights_are_safetensors(path, allow_pickle) else PickleCheckpoint(path)
+
+
+def weights_are_safetensors(folder: Path, allow_pickle: bool) -> bool:
+    """True for safetensors weights, False for pickle ones (only when allowed); else one clear error."""
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return True
+    if (folder / "pytorch_model.bin").is_file() or (folder / "pytorch_model.bin.index.json").is_file():
         if not allow_pickle:
             raise MoekitError(
-                f"{path}: weights are a pickle (pytorch_model.bin), which can run code when loaded; "
-                "convert it to safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)"
+                f"{folder}: weights are a pickle (pytorch_model.bin), which can run code when loaded; "
+                "pass --allow-pickle to read it with torch.load(weights_only=True), or convert it once with "
+                "`moekit convert --allow-pickle`"
             )
-        return PickleCheckpoint(path)
-    raise MoekitError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+        return False
+    raise MoekitError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")

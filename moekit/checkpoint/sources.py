@@ -20,6 +20,8 @@ def resolve_source(source: str | Path) -> Path:
     if name in BUILTIN_SOURCES:
         return _builtin_path(name)
     path = Path(source).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise MoekitError(f"{path}: a symbolic link that leads nowhere (a loop, or its target is gone)")
     if not path.exists():
         hint = f" (built-in names: {', '.join(BUILTIN_SOURCES)})" if "/" not in name else ""
         raise MoekitError(f"{path}: no such file or folder{hint}")

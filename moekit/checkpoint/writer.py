@@ -10,9 +10,12 @@ that looks like a finished model.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,7 @@ import torch
 
 from moekit.checkpoint.dtypes import SAFETENSORS_NAME
 from moekit.checkpoint.reader import TensorMeta
-from moekit.errors import MoekitError, UsageError
+from moekit.errors import DiskError, MoekitError, UsageError, check_utf8
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3  # transformers' default, "5GB"
 # safetensors refuses headers over 100 MB; one-neuron experts mean millions of tiny tensors, so
@@ -31,6 +34,67 @@ MAX_HEADER_BYTES = 64 * 1000**2
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
 TEMP_MARKER = ".moekit-partial-"
+OWNER_FILE = ".moekit-owner.json"  # in a partial folder: which host and process write it
+OLD_MARKER = ".moekit-old-"  # an output that --overwrite moved aside until the new one is in place
+_HIDDEN = re.compile(r"^\.(.*)(" + re.escape(TEMP_MARKER) + "|" + re.escape(OLD_MARKER) + r")(\d+)$")
+NAME_MAX = 255  # bytes of one file name on Linux file systems
+
+
+def hidden_name(name: str, marker: str) -> str:
+    """`.NAME<marker>PID`, the hidden sibling an output is built in; a NAME too long for that is
+    cut and made unique with a hash of the whole name, so any legal output name works."""
+    suffix = f"{marker}{os.getpid()}"
+    if len(f".{name}{suffix}".encode()) <= NAME_MAX:
+        return f".{name}{suffix}"
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    keep = name.encode()[: NAME_MAX - len(f".-{digest}{suffix}".encode())].decode("utf-8", "ignore")
+    return f".{keep}-{digest}{suffix}"
+
+
+def sweep_partials(folder: Path) -> list[str]:
+    """Clean up after runs killed outright (they could not themselves) in `folder`: on this host,
+    whose process id no longer runs. Their partial folders are removed; the old output an
+    `--overwrite` had moved aside is put back where the new one never arrived, else removed.
+    Returns what was done, one phrase each."""
+    done = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return done  # a parent that is not there (yet) or unreadable: the writer reports that itself
+    for path in entries:
+        m = _HIDDEN.match(path.name)
+        if not m or not path.is_dir() or path.is_symlink() or _writer_alive(path, int(m.group(3))):
+            continue
+        name, marker = m.group(1), m.group(2)
+        if marker == TEMP_MARKER:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}")
+        elif path.name == f".{name}{marker}{m.group(3)}" and len(path.name.encode()) < NAME_MAX:  # not a hashed name
+            if (folder / name).exists():  # the swap completed: this is the replaced output
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"removed {path.name}")
+            else:  # killed between the two renames: the old output is the only one
+                path.rename(folder / name)
+                done.append(f"restored {name} from {path.name}")
+    return done
+
+
+def _writer_alive(partial: Path, pid: int) -> bool:
+    try:
+        owner = json.loads((partial / OWNER_FILE).read_text())
+        if owner.get("host") != socket.gethostname():
+            return True  # another machine's (a shared disk): not ours to judge
+    except (OSError, ValueError, AttributeError):
+        pass  # killed before it wrote its owner file
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def parse_size(text: str | int) -> int:
@@ -40,8 +104,8 @@ def parse_size(text: str | int) -> int:
     s = text.strip().upper().replace(" ", "")
     digits = s.rstrip("KMGTIB")
     try:
-        size = int(float(digits) * _UNITS[s[len(digits):]])
-    except (ValueError, KeyError):
+        size = int(float(digits) * _UNITS[s[len(digits):]])  # inf and nan raise too
+    except (ValueError, KeyError, OverflowError):
         raise UsageError(f"cannot read size {text!r}: write it like 5GB, 500MB or 2GiB") from None
     if size <= 0:
         raise UsageError(f"size must be positive, got {text!r}")
@@ -89,6 +153,11 @@ def plan_shards(plan: list[TensorMeta], max_shard_size: int) -> list[_Shard]:
 
 def check_target(target: Path, sources: list[Path], overwrite: bool) -> None:
     """Refuse a target that exists (without --overwrite) or that overlaps a source."""
+    check_utf8(target, "output")
+    too_long = [p for p in Path(target).parts if len(os.fsencode(p)) > NAME_MAX]
+    if too_long or len(os.fsencode(target)) >= 4096:
+        raise UsageError(f"output {target} is too long for a file system: names take at most {NAME_MAX} bytes, "
+                         "paths 4095")
     target = target.expanduser().resolve()
     for src in sources:
         src = src.resolve()
@@ -125,16 +194,29 @@ class CheckpointWriter:
         self.shards = plan_shards(plan, max_shard_size)
         self.total_bytes = sum(m.nbytes for m in plan)
         self.bytes_written = 0
-        self.temp = self.target.parent / f".{self.target.name}{TEMP_MARKER}{os.getpid()}"
+        self.temp = self.target.parent / hidden_name(self.target.name, TEMP_MARKER)
+        self.swept: list[str] = []  # what was cleaned up after killed runs on the way in
+        missing = [p for p in self.temp.parents if not p.exists()]
+        self._made_parents = missing[::-1]  # created for the output, removed again if it fails
         self._queue = [(shard, meta) for shard in self.shards for meta in shard.tensors]
         self._next = 0
         self._file = None
         self._committed = False
 
     def __enter__(self) -> CheckpointWriter:
-        if self.temp.exists():
-            shutil.rmtree(self.temp)
-        self.temp.mkdir(parents=True)
+        try:
+            self.swept = sweep_partials(self.target.parent)
+            if self.temp.exists():
+                shutil.rmtree(self.temp)
+            self.temp.mkdir(parents=True)
+            free = shutil.disk_usage(self.temp).free
+            if self.total_bytes > free:  # refused at once, not after minutes of writing
+                raise DiskError(f"output {self.target} needs {self.total_bytes / 1e9:,.2f} GB for its weights, its disk "
+                                f"has {free / 1e9:,.2f} GB free; nothing was written")
+            (self.temp / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        except (OSError, DiskError) as e:
+            self.__exit__(type(e), e, None)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -142,6 +224,13 @@ class CheckpointWriter:
             self._file.close()
         if not self._committed:
             shutil.rmtree(self.temp, ignore_errors=True)
+            for folder in reversed(self._made_parents):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # not empty (someone else's) or not ours to remove
+        if isinstance(exc, OSError) and (exc.filename is None or str(exc.filename).startswith(str(self.temp))):
+            exc.filename = str(self.target)  # the user knows the output, not its hidden temporary name
 
     @property
     def files_dir(self) -> Path:
@@ -210,10 +299,11 @@ class CheckpointWriter:
             weight_map = {m.name: s.file_name for s in self.shards for m in s.tensors}
             self.write_json("model.safetensors.index.json",
                             {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        (self.temp / OWNER_FILE).unlink()
         _fsync_folder(self.temp)
         old = None
         if self.target.exists():  # --overwrite: swap, then delete the old one
-            old = self.target.parent / f".{self.target.name}.moekit-old-{os.getpid()}"
+            old = self.target.parent / hidden_name(self.target.name, OLD_MARKER)
             self.target.rename(old)
         self.temp.rename(self.target)
         self._committed = True

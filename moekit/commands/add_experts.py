@@ -13,7 +13,7 @@ from moekit.commands.common import (CalibrationOpt, CalibrationTokensOpt, Device
 @handle_errors
 def add_experts_command(
     source: Annotated[Optional[str], typer.Argument(help="MoE folder (or a dense model, upcycled first).", show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Argument(help="Output folder (must not exist).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Argument(help="Output folder (must not exist); built in a hidden .OUTPUT.moekit-partial-PID folder beside it.", show_default=False)] = None,
     new_experts: Annotated[Optional[int], typer.Option("--new-experts", "-m", help="M experts appended to every MoE layer.")] = None,
     init: Annotated[Optional[str], typer.Option(help="copy | mean | random | drop-upcycling: the new experts' weights. [default: copy]")] = None,
     copy_from: Annotated[Optional[str], typer.Option(help="most-used | least-used | an expert id (with copy / drop-upcycling). [default: most-used]")] = None,
@@ -43,7 +43,8 @@ def add_experts_command(
     docs/lifelong.md for how --init and --router-init trade drift against traffic.
 
     With --calibration, kmeans router rows come from new-domain hidden states, and most-used /
-    least-used are counted on that text (or read from --profile).
+    least-used are counted on that text (or read from --profile); without it, on the built-in
+    English sample, and the command says so.
 
     Examples:
 

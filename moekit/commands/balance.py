@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moekit.commands.common import JsonOpt, OutputArg, OverwriteOpt, byte_progress, err, handle_errors, out, print_json
+from moekit.commands.common import JsonOpt, OutputArg, OverwriteOpt, byte_progress, err, handle_errors, out, print_json, warn
 from moekit.commands.profile import BatchOpt, DeviceArgOpt, ModelArg, RunDtypeOpt, SeqLenOpt, batch_progress, run_settings
 from moekit.errors import MoekitError
 
@@ -17,7 +17,7 @@ TARGET = 0.05  # DeepSeek's loss-free balancing reaches MaxVio_global ≈ 0.04
 def balance_command(
     model: ModelArg,
     output: OutputArg,
-    data: Annotated[Path, typer.Option(help="Calibration text (.txt, or .jsonl with a \"text\" field).", show_default=False)],
+    data: Annotated[Optional[Path], typer.Option(help="Calibration text (.txt, or .jsonl with a \"text\" field). [default: built-in sample of real English text]", show_default=False)] = None,
     rate: Annotated[float, typer.Option(min=1e-9, help="Bias update speed u in b_i += u·sign(c̄ − c_i).")] = 1e-3,
     steps: Annotated[int, typer.Option(min=1, help="Bias updates, one per batch (the calibration batches repeat when fewer).")] = 300,
     fixed_rate: Annotated[bool, typer.Option("--fixed-rate", help="Every step is --rate (DeepSeek's rule as published). Default: --rate is the largest step; an expert's step halves when its direction flips, so saturated sigmoid routers settle too.")] = False,
@@ -53,27 +53,28 @@ def balance_command(
     from moekit.checkpoint.writer import check_target
     from moekit.hf import load_model, load_tokenizer
     from moekit.profile import Domain, find_moe_layers, profile, token_rows
-    from moekit.surgery.router_init import read_text_file
+    from moekit.surgery.router_init import builtin_calibration_text, read_text_file
 
     where, torch_dtype = run_settings(device, dtype, seq_len, max_tokens)
     ckpt = open_checkpoint(model)
     check_balanceable(ckpt.config)
     check_target(output, [ckpt.path], overwrite)  # before minutes of calibration, not after
     tokenizer = load_tokenizer(model)
-    rows = token_rows(read_text_file(data), tokenizer, seq_len, max_tokens, str(data))
+    what = str(data) if data else "the built-in sample"
+    rows = token_rows(read_text_file(data) if data else builtin_calibration_text(), tokenizer, seq_len, max_tokens, what)
     # Shuffled (seeded): consecutive sequences come from the same document, and a bias that
     # chases one document per batch does not balance the whole text.
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     if eval_data:
         held = token_rows(read_text_file(eval_data), tokenizer, seq_len, max_tokens, str(eval_data))
     elif len(rows) < 2:
-        raise MoekitError(f"{data}: one sequence of {seq_len} tokens; calibration and held-out text need two (or give --eval-data)")
+        raise MoekitError(f"{what}: one sequence of {seq_len} tokens; calibration and held-out text need two (or give --eval-data)")
     else:
         split = len(rows) - max(1, len(rows) // 4)
         rows, held = rows[:split], rows[split:]
-    loaded, warnings = load_model(model, torch_dtype, where)
+    loaded, warnings = load_model(model, torch_dtype, where, complete=True)
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        warn(w)
     moe = find_moe_layers(loaded)
     held_out = [Domain("held-out", list(held.split(batch_size)))]
     with batch_progress("MaxVio before", not json_output) as progress:
@@ -91,12 +92,14 @@ def balance_command(
     summary = {"maxvio_global_before": before["total"]["maxvio_global"], "maxvio_global_after": after["total"]["maxvio_global"],
                "worst_layer_before": max(x["maxvio_before"] for x in layers), "worst_layer_after": max(x["maxvio_after"] for x in layers),
                "steps": steps, "rate": rate, "calibration_tokens": rows.numel(), "held_out_tokens": held.numel()}
-    options = {"data": str(data), "eval_data": str(eval_data) if eval_data else None, "rate": rate, "steps": steps,
+    options = {"data": str(data) if data else "built-in sample", "eval_data": str(eval_data) if eval_data else None, "rate": rate, "steps": steps,
                "fixed_rate": fixed_rate,
                "max_tokens": max_tokens, "batch_size": batch_size, "seq_len": seq_len, "dtype": str(torch_dtype)}
     with byte_progress("writing", not json_output) as progress:
         result = write_balanced(ckpt, output, biases, options=options, layers=layers, summary=summary,
                                 overwrite=overwrite, progress=progress)
+    for w in result.warnings:
+        warn(w)
     if json_output:
         print_json({**summary, "output": str(result.path), "layers": layers})
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,13 +16,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from moekit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO, MoekitError
+from moekit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, MoekitError, one_line
 
 out = Console()  # results and JSON: stdout, so they can be piped
 err = Console(stderr=True)  # progress, warnings, errors
 
 SourceArg = Annotated[str, typer.Argument(help="Model folder, .gguf file, or a built-in name (smollm2-135m).", show_default=False)]
-OutputArg = Annotated[Path, typer.Argument(help="Output folder; must not exist (see --overwrite).", show_default=False)]
+OutputArg = Annotated[Path, typer.Argument(help="Output folder; must not exist (see --overwrite). Built in a hidden .OUTPUT.moekit-partial-PID folder beside it.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout instead of tables.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists (only once the new one is complete).")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB.")]
@@ -38,8 +39,11 @@ RecipeOpt = Annotated[Optional[Path], typer.Option(help="YAML recipe with any of
 MaybeOverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace OUTPUT once the new one is complete.")]
 
 
-def fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # "[x]" is text, not markup
+def fail(message: str, code: int, hint: str | None = None) -> typer.Exit:
+    """Print the one `error:` line (and for usage errors one hint line); the exit to raise."""
+    err.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+    if hint:
+        err.print(f"[dim]hint:[/] {escape(one_line(hint))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -48,6 +52,9 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        for name, value in kwargs.items():  # click's float ranges let nan through (nan < min is False)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise fail(f"--{name.replace('_', '-')} must be a finite number, got {value}", EXIT_USAGE)
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -69,8 +76,9 @@ def handle_errors(fn):
 
 @contextmanager
 def byte_progress(label: str, enabled: bool = True):
-    """A progress bar over bytes written; yields a callback for `pipeline.write_model`."""
-    if not enabled:
+    """A progress bar over bytes written (on a terminal only: elsewhere a finished bar leaves an empty
+    line); yields a callback for `pipeline.write_model`."""
+    if not enabled or not err.is_terminal:
         yield None
         return
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -90,12 +98,17 @@ def run_surgery(label: str, job, opts, json_output: bool, describe) -> None:
     with byte_progress(label, not json_output) as progress:
         result, summary = job(opts, progress)
     for w in result.warnings + ([summary["note"]] if "note" in summary else []):
-        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        warn(w)
     if json_output:
         print_json(summary)
     else:
         for line in describe(result, summary):
-            err.print(line)
+            err.print(line, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """One `warning:` line on stderr (never wrapped: one message, one line)."""
+    err.print(f"[yellow]warning:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
 
 
 def print_json(data) -> None:

@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 
 from moekit.commands.common import (JsonOpt, OutputArg, OverwriteOpt, PickleOpt, ShardOpt, SourceArg, byte_progress,
-                                    err, handle_errors, print_json)
+                                    err, handle_errors, print_json, warn)
 
 
 @handle_errors
@@ -50,7 +50,7 @@ def convert_command(
             what=f"A tensor-by-tensor copy of `{ckpt.path.name}` as safetensors ({out_dtype}).",
             max_shard_size=shard, overwrite=overwrite, progress=progress)
     for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {w}")
+        warn(w)
     summary = {"output": str(result.path), "tensors": len(outputs), "bytes": result.bytes_written,
                "shards": result.shards, "seconds": round(result.seconds, 2), "MB/s": round(result.mb_per_s, 1)}
     if json_output:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich import box
 from rich.table import Table
 
-from moekit.commands.common import err, handle_errors, out
+from moekit.commands.common import PickleOpt, err, handle_errors, out, warn
 from moekit.errors import MoekitError, UsageError
 
 ModelArg = Annotated[str, typer.Argument(show_default=False, help="MoE model folder (any MoE family transformers loads).")]
@@ -43,8 +44,8 @@ def run_settings(device: str, dtype: str, seq_len: int, max_tokens: int):
 
 @contextmanager
 def batch_progress(label: str, enabled: bool):
-    """A progress bar over batches (on stderr); yields the callback `count_routing` takes."""
-    if not enabled:
+    """A progress bar over batches (on stderr, when it is a terminal); yields the callback `count_routing` takes."""
+    if not enabled or not err.is_terminal:
         yield None
         return
     bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("batches"), TimeRemainingColumn(),
@@ -68,6 +69,7 @@ def profile_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number as JSON to this file (- for stdout).", show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write PNG figures into this folder: layer × expert load per domain, MaxVio per layer.", show_default=False)] = None,
     html_out: Annotated[Optional[Path], typer.Option("--html", help="Write one self-contained HTML report (figures embedded).", show_default=False)] = None,
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Measure how balanced an MoE model's routing is on real text.
 
@@ -93,14 +95,14 @@ def profile_command(
         factors = [float(f) for f in capacity_factors.split(",")]
     except ValueError:
         factors = []
-    if not factors or min(factors) <= 0:
+    if not factors or not all(math.isfinite(f) and f > 0 for f in factors):
         raise UsageError(f"--capacity-factors takes positive numbers separated by commas, got {capacity_factors!r}")
     where, torch_dtype = run_settings(device, dtype, seq_len, max_tokens)
-    config = open_checkpoint(model).config  # a dense model is refused before minutes of loading
+    config = open_checkpoint(model, allow_pickle=allow_pickle).config  # a dense model is refused before minutes of loading
     if config.get("model_type") not in MOE_CONFIG:
         raise MoekitError(NOTHING_TO_PROFILE)
     domains = read_domains(data or [], load_tokenizer(model), seq_len, batch_size, max_tokens)
-    loaded, warnings = load_model(model, torch_dtype, where, device_map)
+    loaded, warnings = load_model(model, torch_dtype, where, device_map, allow_pickle=allow_pickle, complete=True)
     main_process = distributed_rank()[0] == 0
     with batch_progress("profiling", main_process and str(json_out) != "-") as progress:
         report = profile(loaded, domains, factors, progress)
@@ -109,7 +111,7 @@ def profile_command(
     report = {"model": model, "device": f"device_map={device_map}" if device_map else str(where),
               "dtype": config_name(torch_dtype), "batch_size": batch_size, "seq_len": seq_len, **report}
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        warn(w)
     publish(report, json_out, plot, html_out)
 
 

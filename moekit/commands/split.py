@@ -13,7 +13,7 @@ from moekit.commands.common import (CalibrationOpt, CalibrationTokensOpt, Device
 @handle_errors
 def split_command(
     source: Annotated[Optional[str], typer.Argument(help="MoE folder moekit can read, or a dense model (upcycled on the fly).", show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Argument(help="Output folder (must not exist).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Argument(help="Output folder (must not exist); built in a hidden .OUTPUT.moekit-partial-PID folder beside it.", show_default=False)] = None,
     granularity: Annotated[Optional[int], typer.Option("--granularity", "-g", help="G: children per expert; must divide the expert width.")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help="Experts per token after the split. [default: K·G, exact]")] = None,
     partition: Annotated[Optional[str], typer.Option(help="contiguous | random | kmeans | coactivation: which neurons go together. [default: contiguous]")] = None,

@@ -13,7 +13,7 @@ from moekit.commands.common import (CalibrationOpt, CalibrationTokensOpt, Device
 @handle_errors
 def upcycle_command(
     source: Annotated[Optional[str], typer.Argument(help="Dense model folder, .gguf, or smollm2-135m.", show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Argument(help="Output folder (must not exist).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Argument(help="Output folder (must not exist); built in a hidden .OUTPUT.moekit-partial-PID folder beside it.", show_default=False)] = None,
     experts: Annotated[Optional[int], typer.Option("--experts", "-n", help="Experts per MoE layer, N ≥ 2. [default: 8]")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help="Experts per token, 1 ≤ K ≤ N. [default: 2]")] = None,
     target: Annotated[Optional[str], typer.Option(help="mixtral, qwen2_moe, qwen3_moe, glm4_moe, flex_olmo, granitemoe, granitemoeshared. [default: the parent family's natural target]")] = None,

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moekit.commands.common import JsonOpt, err, handle_errors, out, print_json
+from moekit.commands.common import JsonOpt, PickleOpt, err, handle_errors, out, print_json, warn
 from moekit.errors import EXIT_CHECK_FAILED, MoekitError, UsageError
 
 ModelArg = Annotated[str, typer.Argument(show_default=False, help="Model folder, .gguf file, or a built-in name (smollm2-135m).")]
@@ -30,6 +30,7 @@ def verify_command(
     prompt: Annotated[str | None, typer.Option(help="Also generate greedily from this prompt with both models and compare the text.", show_default=False)] = None,
     new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate with --prompt.")] = 24,
     runtime: Annotated[str, typer.Option(help="transformers, or llama.cpp: both models converted by llama.cpp's own converter (f32 GGUF; a .gguf is used as it is) and run by llama.cpp (pip install 'moekit[llamacpp]').")] = "transformers",
+    allow_pickle: PickleOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Check that CHILD computes what PARENT computes: run both on the same tokens, compare logits.
@@ -64,15 +65,15 @@ def verify_command(
     if runtime == "llama.cpp":
         if prompt is not None or dtype != "float32":
             raise UsageError("--runtime llama.cpp compares f32 GGUF logits: --prompt and --dtype are transformers only")
-        return verify_in_llamacpp(parent, child, data, tokens, seq_len, seed, tolerance, json_output)
+        return verify_in_llamacpp(parent, child, data, tokens, seq_len, seed, tolerance, json_output, allow_pickle)
     start = time.perf_counter()
-    parent_model, warnings = load_model(parent, torch_dtype, where)
-    child_model, child_warnings = load_model(child, torch_dtype, where)
+    parent_model, warnings = load_model(parent, torch_dtype, where, allow_pickle=allow_pickle)
+    child_model, child_warnings = load_model(child, torch_dtype, where, allow_pickle=allow_pickle)
     warnings += child_warnings
     vocab = min(vocab_size(parent_model), vocab_size(child_model))
     batches = make_inputs(vocab, tokens, batch, seq_len, seed, data, load_tokenizer(parent) if data else None)
     load_seconds = time.perf_counter() - start
-    with err.status(f"comparing on {sum(b.numel() for b in batches):,} tokens", spinner="dots") if not json_output else nullcontext():
+    with err.status(f"comparing on {sum(b.numel() for b in batches):,} tokens", spinner="dots") if not json_output and err.is_terminal else nullcontext():
         result = compare_models(parent_model, child_model, batches)
 
     if prompt is not None:
@@ -88,7 +89,7 @@ def verify_command(
 
 
 def verify_in_llamacpp(parent: str, child: str, data: Path | None, tokens: int, seq_len: int, seed: int,
-                       tolerance: float, json_output: bool) -> None:
+                       tolerance: float, json_output: bool, allow_pickle: bool) -> None:
     """Both models converted by llama.cpp's own converter (one process) and run by llama.cpp."""
     import tempfile
 
@@ -100,6 +101,9 @@ def verify_in_llamacpp(parent: str, child: str, data: Path | None, tokens: int, 
     llamacpp.load_bindings()  # a missing extra fails now, with the install hint
     start = time.perf_counter()
     paths = {name: resolve_source(p) for name, p in (("parent", parent), ("child", child))}
+    for path in paths.values():
+        if path.suffix != ".gguf":
+            refuse_unsafe_folder(path, allow_pickle)
     with tempfile.TemporaryDirectory(prefix="moekit-verify-") as tmp:
         ggufs = {n: p if p.suffix == ".gguf" else Path(tmp) / f"{n}.gguf" for n, p in paths.items()}
         todo = [(paths[n], g) for n, g in ggufs.items() if g != paths[n]]
@@ -120,6 +124,20 @@ def verify_in_llamacpp(parent: str, child: str, data: Path | None, tokens: int, 
               "device": "llama.cpp" + (f" {commit[:12]}" if commit else ""), "dtype": "float32 (GGUF f32, f32 KV cache)",
               **result, "load_seconds": load_seconds, "tolerance": tolerance, "warnings": []}
     finish(report, json_output)
+
+
+def refuse_unsafe_folder(path: Path, allow_pickle: bool) -> None:
+    """llama.cpp's converter unpickles weights and, for some architectures, loads the tokenizer with
+    trust_remote_code=True: the pickle and remote-code rules are checked here, before it runs."""
+    from moekit.checkpoint import open_checkpoint
+    from moekit.hf import custom_code, refuse_custom_model_code
+
+    open_checkpoint(path, allow_pickle=allow_pickle)
+    refuse_custom_model_code(path)
+    code = custom_code(path, "config.json") or custom_code(path, "tokenizer_config.json")
+    if code:
+        raise MoekitError(f"{path}: it names its own code ({code}, in auto_map) and llama.cpp's converter may run it; "
+                          "moekit never runs code from a checkpoint")
 
 
 def _gguf_vocab(path: Path) -> int:
@@ -145,7 +163,7 @@ def finish(report: dict, json_output: bool) -> None:
     passed = report["max_rel_error"] <= tolerance and report.get("same_generation", True)
     report["passed"] = passed
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        warn(w)
     if json_output:  # JSON has no NaN/inf: those (broken logits) print as null
         print_json({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in report.items()})
     else:

@@ -17,6 +17,7 @@ from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.errors import UsageError
 from moekit.pipeline import OutputTensor, passthrough
 from moekit.surgery.layout import ExpertReader, moe_layer_indices, source_target
+from moekit.surgery.requirements import model_shape
 from moekit.surgery.upcycle import perturb
 from moekit.targets import PROJS, Target
 
@@ -66,6 +67,7 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
                      dtype: torch.dtype | None = None) -> GrowPlan:
     cfg = ckpt.config
     target = source_target(ckpt)
+    model_shape(ckpt, [target.experts_fields, target.width_field, "num_experts_per_tok"])  # numbers, before arithmetic
     n, k = read_field(cfg, target.experts_fields), cfg["num_experts_per_tok"]
     if m < 1:
         raise UsageError(f"--new-experts must be at least 1, got {m}")

@@ -21,9 +21,21 @@ def source_target(ckpt: Checkpoint) -> Target:
 
 
 def moe_layer_indices(ckpt: Checkpoint, target: Target) -> list[int]:
-    layers = [i for i in range(ckpt.config["num_hidden_layers"]) if target.router.format(i=i) in ckpt.tensors]
+    """The layers that hold a router, once every one of them is checked to hold what an MoE layer
+    of the target needs (and no layer holds experts without a router)."""
+    from moekit.surgery.requirements import check_moe, model_shape
+
+    n_layers = model_shape(ckpt).num_hidden_layers
+    layers = [i for i in range(n_layers) if target.router.format(i=i) in ckpt.tensors]
+    experts = (target.expert or target.fused_gate_up).split("{e}")[0]
+    for i in set(range(n_layers)) - set(layers):
+        prefix = experts.format(i=i)
+        if any(name.startswith(prefix) for name in ckpt.tensors):
+            raise MoekitError(f"{ckpt.path}: layer {i} holds experts but no router ({target.router.format(i=i)}); "
+                              "the checkpoint is incomplete")
     if not layers:
         raise MoekitError(f"{ckpt.path} has no MoE layers in the {target.model_type} layout")
+    check_moe(ckpt, target, layers)
     return layers
 
 

@@ -136,12 +136,13 @@ def collect_mlp_inputs(
     return collect_mlp_inputs_from_ids(model, batches, layers, max_tokens, device)
 
 
-def calibration_mlp_inputs(source, layers: list[int], calibration, max_tokens: int, device) -> dict[int, torch.Tensor]:
+def calibration_mlp_inputs(source, layers: list[int], calibration, max_tokens: int, device,
+                           allow_pickle: bool = False) -> dict[int, torch.Tensor]:
     """MLP inputs of `layers` on calibration text (a user's file, or the built-in sample), with the
     model loaded by `from_pretrained` (which maps per-expert keys onto 5.x's fused experts)."""
     from moekit.hf import load_model, load_tokenizer
 
-    model, tokenizer = load_model(source, torch.float32, device)[0], load_tokenizer(source)
+    model, tokenizer = load_model(source, torch.float32, device, allow_pickle=allow_pickle)[0], load_tokenizer(source)
     texts = read_text_file(calibration) if calibration else builtin_calibration_text()
     return collect_mlp_inputs(model, texts, tokenizer, layers, max_tokens, seq_len=512, device=device)
 
@@ -357,9 +358,12 @@ def read_text_file(path: str | Path) -> list[str]:
     if not path.is_file():
         raise MoekitError(f"{path}: no such calibration file")
     try:
-        raw = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
     except UnicodeDecodeError:
         raise MoekitError(f"{path}: not UTF-8 text; calibration files are .txt or .jsonl") from None
+    except OSError as e:
+        raise MoekitError(f"{path}: cannot read it: {(e.strerror or str(e)).lower()}") from None
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(raw.splitlines(), 1):

@@ -21,6 +21,7 @@ from moekit.errors import UsageError
 from moekit.pipeline import OutputTensor, passthrough
 from moekit.surgery import partition
 from moekit.surgery.layout import ExpertReader, moe_layer_indices, source_target
+from moekit.surgery.requirements import model_shape
 from moekit.targets import PROJS, Target
 
 
@@ -45,6 +46,7 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
                dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> SplitPlan:
     cfg, G = ckpt.config, granularity
     target = source_target(ckpt)
+    model_shape(ckpt, [target.experts_fields, target.width_field, "num_experts_per_tok"])  # numbers, before arithmetic
     n, k = read_field(cfg, target.experts_fields), cfg["num_experts_per_tok"]
     width = cfg[target.width_field]
     if G < 2:

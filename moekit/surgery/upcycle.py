@@ -18,6 +18,7 @@ from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.errors import MoekitError, UsageError
 from moekit.inspect import describe
 from moekit.pipeline import OutputTensor, passthrough
+from moekit.surgery.requirements import check_dense
 from moekit.targets import (DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, PROJS, TARGETS, WHY_NOT,
                             Target)
 
@@ -58,11 +59,15 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
             pass
         elif spec.startswith("every:"):
             step = int(spec.split(":")[1])
+            if step < 1:
+                raise ValueError(step)
             chosen = {i for i in range(n_layers) if (i + 1) % step == 0}
         elif spec.startswith("skip-"):
             for part in spec.split(","):
                 kind, n = part.split(":")
                 n = int(n)
+                if n < 0:
+                    raise ValueError(n)
                 if kind == "skip-first":
                     chosen -= set(range(n))
                 elif kind == "skip-last":
@@ -179,6 +184,7 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
         raise MoekitError(f"{ckpt.path} is already an MoE model; use split-granularity or add-experts")
     target = choose_target(parent.get("model_type", "unknown"), target_name)
     check_routing(target, routing)
+    check_dense(ckpt)  # every tensor the parent's architecture needs, in its config's shapes
     for key, value in target.parent_requires.items():
         if parent.get(key, value) != value:
             raise UsageError(f"{target.model_type} cannot represent {key}={parent[key]} of the parent")
