@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/prune_bench.py [--runs 3] [--json out.json]
 
 Source: a random bf16 Mixtral written by this script (hidden 2048, 16 layers, 8 experts of width
-2048, vocab 32000: 1.9B parameters, 3.8 GB in 1 GB shards). Pruned to 4 experts per layer with
+2048, vocab 32000: 2.0B parameters, 4.0 GB in 1 GB shards). Pruned to 4 experts per layer with
 `--method random` (no forward pass: this measures the streaming part, which every method shares;
 the calibration pass is measured in docs/prune.md). Kept experts are renamed byte ranges of the
 source and router rows are row ranges, so the output should be written at copy speed with flat
@@ -76,7 +76,7 @@ def main() -> None:
         src = build_big_mixtral(work / "mixtral-big")
         tools = {"moekit prune": lambda out, first: [MOEKIT, "prune", str(src), str(out), "--keep", "4",
                                                      "--method", "random", "--max-shard-size", "1GB"], **copy_rows()}
-        print("random Mixtral 8 experts, 3.8 GB in shards → 4 experts (random choice)")
+        print("random Mixtral 8 experts, 4.0 GB in shards → 4 experts (random choice)")
         rows = bench("prune", src, tools, args.runs, work, args.quiet_wait)
     finally:
         shutil.rmtree(work, ignore_errors=True)
