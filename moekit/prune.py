@@ -109,9 +109,9 @@ def expert_scores(model, batches: list[torch.Tensor], norms: bool = True) -> dic
     from moekit.profile import RouterCounter, find_moe_layers, input_device
 
     moe = find_moe_layers(model)
-    blocks = {layer.index: _experts_of(model, layer.index) for layer in moe.layers}
     device = input_device(model)
-    with RouterCounter(moe) as counter, (ExpertNorms(blocks) if norms else _Nothing()) as sums:
+    sums = ExpertNorms({layer.index: _experts_of(model, layer.index) for layer in moe.layers}) if norms else _Nothing()
+    with RouterCounter(moe) as counter, sums:
         for ids in batches:
             model.model(input_ids=ids.to(device), use_cache=False)
     totals = counter.totals()
@@ -134,10 +134,10 @@ class _Nothing:
         pass
 
 
-def _experts_of(model, i: int) -> torch.nn.Module:
+def _experts_of(model, i: int) -> torch.nn.Module | None:
     block = model.model.layers[i]
     ffn = getattr(block, "mlp", None) or getattr(block, "block_sparse_moe", None)
-    return ffn.experts
+    return getattr(ffn, "experts", None)
 
 
 def random_scores(layers: list[int], n: int, seed: int) -> dict[int, dict[str, torch.Tensor]]:
