@@ -16,6 +16,7 @@ router's choice, so it also runs under transformers 4.57 for the softmax familie
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -110,7 +111,7 @@ def expert_scores(model, batches: list[torch.Tensor], norms: bool = True) -> dic
 
     moe = find_moe_layers(model)
     device = input_device(model)
-    sums = ExpertNorms({layer.index: _experts_of(model, layer.index) for layer in moe.layers}) if norms else _Nothing()
+    sums = ExpertNorms({layer.index: _experts_of(model, layer.index) for layer in moe.layers}) if norms else nullcontext()
     with RouterCounter(moe) as counter, sums:
         for ids in batches:
             model.model(input_ids=ids.to(device), use_cache=False)
@@ -124,14 +125,6 @@ def expert_scores(model, batches: list[torch.Tensor], norms: bool = True) -> dic
             scores.update(ean=ean, reap=sums.gated.get(i, torch.zeros_like(freq)).cpu() / freq.clamp_min(1))
         out[i] = scores
     return out
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
 
 
 def _experts_of(model, i: int) -> torch.nn.Module | None:
