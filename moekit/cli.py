@@ -21,6 +21,7 @@ from moekit.commands.balance import balance_command
 from moekit.commands.convert import convert_command
 from moekit.commands.inspect import inspect_command
 from moekit.commands.profile import profile_command
+from moekit.commands.prune import prune_command
 from moekit.commands.split import split_command
 from moekit.commands.train import train_command
 from moekit.commands.upcycle import upcycle_command
@@ -99,6 +100,7 @@ app.command("upcycle")(upcycle_command)
 app.command("verify")(verify_command)
 app.command("split-granularity")(split_command)
 app.command("add-experts")(add_experts_command)
+app.command("prune")(prune_command)
 app.command("train")(train_command)
 app.command("profile")(profile_command)
 app.command("balance")(balance_command)

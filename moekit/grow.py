@@ -73,7 +73,7 @@ def _usage(ckpt: Checkpoint, opts: AddExpertsOptions, layers: list[int],
            states: Callable[[tuple[int, ...]], dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
     """Tokens routed to each old expert per layer: from a profile JSON, or counted on --calibration."""
     if opts.profile:
-        return _usage_from_profile(opts.profile, layers)
+        return usage_from_profile(opts.profile, layers)
     t = TARGETS[ckpt.config["model_type"]]
     counts = {}
     for i, x in states(tuple(layers)).items():
@@ -102,7 +102,7 @@ def _kmeans_rows(ckpt: Checkpoint, opts: AddExpertsOptions, states: dict[int, to
     return rows
 
 
-def _usage_from_profile(path, layers: list[int]) -> dict[int, torch.Tensor]:
+def usage_from_profile(path, layers: list[int]) -> dict[int, torch.Tensor]:
     try:
         report = json.loads(path.read_text())
         per_layer = {int(r["layer"]): torch.tensor(r["tokens_per_expert"]) for r in report["layers"]}

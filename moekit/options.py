@@ -130,3 +130,12 @@ class AddExpertsOptions(SurgeryOptions):
     experts: int = 8  # dense sources only: upcycled to this many experts first
     target: str | None = None  # dense sources only
     drift_tokens: int = Field(2048, ge=0)  # old-domain tokens to measure the drift at init on (0: skip)
+
+
+class PruneOptions(SurgeryOptions):
+    keep: int | None = Field(None, description="experts kept per MoE layer")
+    ratio: float | None = Field(None, description="share of experts removed (0.25, 0.5)")
+    method: Literal["reap", "frequency", "ean", "random"] = "reap"
+    profile: Path | None = None  # a `moekit profile --json` file: counts for --method frequency
+    top_k: int | None = None  # lower top-k when it exceeds the experts kept
+    layers: str = "all"

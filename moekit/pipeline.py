@@ -28,21 +28,32 @@ Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor n
 class OutputTensor:
     meta: TensorMeta
     produce: Callable[[], torch.Tensor]
-    # The output is byte for byte this source tensor (or its dim-0 rows [a, b)): the writer may
-    # copy it file to file.
+    # The output is byte for byte this source tensor, or its dim-0 rows [a, b), or several such
+    # row ranges one after the other ((a, b), (c, d), ...): the writer may copy it file to file.
     copy_of: tuple[Checkpoint, str] | None = None
-    rows: tuple[int, int] | None = None
+    rows: tuple[int, int] | tuple[tuple[int, int], ...] | None = None
 
-    def source_bytes(self) -> tuple[Path, int, int] | None:
+    def source_ranges(self) -> tuple[Path, list[tuple[int, int]]] | None:
+        """(file, [(start, end), ...]): the output's bytes as ranges of one source file, in order."""
         if not self.copy_of:
             return None
         ckpt, name = self.copy_of
         where = ckpt.byte_range(name)
-        if where is None or self.rows is None:
-            return where
+        if where is None:
+            return None
         path, start, end = where
+        if self.rows is None:
+            return path, [(start, end)]
         row = (end - start) // ckpt.meta(name).shape[0]
-        return path, start + self.rows[0] * row, start + self.rows[1] * row
+        runs = [self.rows] if isinstance(self.rows[0], int) else self.rows
+        return path, [(start + a * row, start + b * row) for a, b in runs]
+
+    def source_bytes(self) -> tuple[Path, int, int] | None:
+        """(file, start, end) when the output is one contiguous range of a source file."""
+        where = self.source_ranges()
+        if where is None or len(where[1]) != 1:
+            return None
+        return where[0], *where[1][0]
 
 
 def passthrough(ckpt: Checkpoint, meta: TensorMeta, dtype: torch.dtype | None) -> OutputTensor:
@@ -90,9 +101,9 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
     with CheckpointWriter(target, plan, sources=[s.path for s in all_sources],
                           max_shard_size=max_shard_size, overwrite=overwrite) as out:
         for o in outputs:
-            where = o.source_bytes()
+            where = o.source_ranges()
             if where:
-                out.copy_bytes(o.meta.name, *where)
+                out.copy_ranges(o.meta.name, *where)
             else:
                 out.write(o.meta.name, o.produce())
             if progress:

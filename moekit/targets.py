@@ -92,6 +92,12 @@ TARGETS: dict[str, Target] = {t.model_type: t for t in [
     # Read (split, add experts), never an upcycle target: see WHY_NOT.
     Target("olmoe", "OlmoeForCausalLM", SOFTMAX_TOPK, (), router=_ROUTER, expert=_EXPERTS,
            experts_fields=("num_experts",)),
+    *(Target(model_type, architecture, SIGMOID_BIASED, (), router=_ROUTER, expert=_EXPERTS,
+             router_bias="model.layers.{i}.mlp.gate.e_score_correction_bias",
+             shared="model.layers.{i}.mlp.shared_experts.{proj}.weight", shared_range=(1, 8),
+             experts_fields=("n_routed_experts",), width_field="moe_intermediate_size",
+             shared_field="n_shared_experts", layer_fields="first_k")
+      for model_type, architecture in (("deepseek_v3", "DeepseekV3ForCausalLM"), ("dots1", "Dots1ForCausalLM"))),
 ]}
 
 # The natural target of each dense family (BRIEF §4).
@@ -109,5 +115,6 @@ NO_SOFTMAX_TOPK = {
 WHY_NOT = {
     "olmoe": "OLMoE normalises after attention and MLP (post-norm) where its dense parents normalise before: not exact",
     "deepseek_v3": "DeepSeek-V3 uses multi-head latent attention; a dense GQA model cannot become one",
+    "dots1": "moekit reads dots1 (split, add experts, prune) but has no tested exact upcycle into it",
     "deepseek_v2": "DeepSeek-V2 uses multi-head latent attention; a dense GQA model cannot become one",
 }

@@ -90,6 +90,15 @@ def children() -> list[Child]:
         out.append(Child(f"{moe}__split", moe, ("split-granularity", "-g", "2"), parent))
         out.append(Child(f"{moe}__add", moe, ("add-experts", "-m", "2", "--copy-from", "0", "--drift-tokens", "0"),
                          parent if "softmax" not in moe else ""))  # a softmax over more experts: not exact
+    # Pruning an upcycled model (identical experts, renormalised routing) keeps the parent's function;
+    # pruning one with distinct experts is checked against its own 5.x logits.
+    for moe, parent in (("llama-5x-default-tied__mixtral", "llama-5x-default-tied"),
+                        ("qwen3-5x-default__qwen3_moe", "qwen3-5x-default")):
+        out.append(Child(f"{moe}__prune", moe, ("prune", "--keep", "3", "--method", "random"), parent))
+    out.append(Child("llama-5x-default-tied__mixtral-noisy", "llama-5x-default-tied",
+                     ("upcycle", "-n", "4", "-k", "2", "--noise", "0.05", "--seed", "1"), ""))
+    out.append(Child("llama-5x-default-tied__mixtral-noisy__prune", "llama-5x-default-tied__mixtral-noisy",
+                     ("prune", "--keep", "3", "--method", "random", "--seed", "2"), ""))
     out.append(Child("llama-5x-default-tied__mixtral__add__train", "llama-5x-default-tied__mixtral__add",
                      ("train", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
                       "--bias-update-rate", "0"), ""))

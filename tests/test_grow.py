@@ -122,8 +122,10 @@ def test_bad_options_fail_cleanly(tiny_models, tmp_path, args, code, message):
 
 
 def test_unsupported_source(tiny_models, tmp_path):
-    proc = run_moekit("add-experts", str(tiny_models("deepseek_v3")), str(tmp_path / "out"), "-m", "1")
+    proc = run_moekit("add-experts", str(tiny_models("gpt_oss")), str(tmp_path / "out"), "-m", "1")
     assert proc.returncode == 3 and "MoE layouts moekit writes" in proc.stderr
+    proc = run_moekit("add-experts", str(tiny_models("deepseek_v3")), str(tmp_path / "out"), "-m", "2")
+    assert proc.returncode == 2 and "group-limited" in proc.stderr
 
 
 def test_counts_from_a_real_profile_report(tiny_models, tmp_path):

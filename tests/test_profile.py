@@ -25,13 +25,7 @@ from tests import tiny
 from tests.tiny import with_char_tokenizer
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-# Families beyond tests/tiny.py's defaults, or that need other sizes to run.
-EXTRA = {
-    "deepseek_v3": {"head_dim": 8, "num_key_value_heads": 4},  # MLA: head_dim is the rope part; 4.57 wants kv = heads
-    "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1, "num_experts_per_tok": 2,
-              "moe_intermediate_size": 32},
-}
-FAMILIES = [*tiny.MOE_FAMILIES, "dots1"]
+FAMILIES = list(tiny.MOE_FAMILIES)
 SIGMOID = ("glm4_moe", "deepseek_v3", "dots1")
 CFS = (1.0, 1.25, 1.5, 2.0)
 
@@ -43,7 +37,7 @@ def moe_models(tmp_path_factory):
 
     def get(model_type: str) -> Path:
         if model_type not in built:
-            built[model_type] = tiny.build(model_type, root / model_type, **EXTRA.get(model_type, {}))
+            built[model_type] = tiny.build(model_type, root / model_type)
         return built[model_type]
 
     return get

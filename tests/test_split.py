@@ -131,7 +131,7 @@ def test_group_limited_routing_refused(tmp_path):
 
 
 def test_unknown_moe_refused(tiny_models, tmp_path):
-    proc = run_moekit("split-granularity", str(tiny_models("deepseek_v3")), str(tmp_path / "out"), "-g", "2")
+    proc = run_moekit("split-granularity", str(tiny_models("gpt_oss")), str(tmp_path / "out"), "-g", "2")
     assert proc.returncode == 3 and "MoE layouts moekit writes" in proc.stderr
 
 

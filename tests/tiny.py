@@ -34,8 +34,11 @@ MOE_FAMILIES = {
     "glm4_moe": {"n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1, **MOE},
     "deepseek_v3": {"n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2,
                     "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8,
-                    "qk_nope_head_dim": 8, "v_head_dim": 16, **MOE},
+                    "qk_nope_head_dim": 8, "v_head_dim": 16,
+                    "head_dim": 8, "num_key_value_heads": 4, **MOE},  # MLA: head_dim is the rope part; 4.57 wants kv = heads
+    "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1, **MOE},
     "granitemoe": {"num_local_experts": 4, **MOE},
+    "granitemoeshared": {"num_local_experts": 4, "shared_intermediate_size": 64, **MOE},
     "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "layer_types": ["sliding_attention", "full_attention"]},
 }
 

@@ -254,11 +254,17 @@ class CheckpointWriter:
     def copy_bytes(self, name: str, source: Path, start: int, end: int) -> None:
         """Write the next tensor of the plan as a byte range of a source file, copied by the kernel
         (`copy_file_range`, as `cp` does): the bytes never pass through Python or its memory."""
+        self.copy_ranges(name, source, [(start, end)])
+
+    def copy_ranges(self, name: str, source: Path, ranges: list[tuple[int, int]]) -> None:
+        """`copy_bytes` of several ranges of one source file, concatenated (kept rows of a fused tensor)."""
         meta = self._begin(name)
-        if end - start != meta.nbytes:
-            raise ValueError(f"{name}: {end - start} source bytes, plan says {meta.nbytes}")
+        size = sum(end - start for start, end in ranges)
+        if size != meta.nbytes:
+            raise ValueError(f"{name}: {size} source bytes, plan says {meta.nbytes}")
         with open(source, "rb") as src:
-            _copy_range(src.fileno(), self._file.fileno(), start, end - start)
+            for start, end in ranges:
+                _copy_range(src.fileno(), self._file.fileno(), start, end - start)
         self._end(meta)
 
     def _begin(self, name: str) -> TensorMeta:

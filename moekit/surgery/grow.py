@@ -75,6 +75,9 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
         raise UsageError(f"unknown --init {init!r} (known: {', '.join(INITS)})")
     if router_init not in ROUTER_INITS:
         raise UsageError(f"unknown --router-init {router_init!r} (known: {', '.join(ROUTER_INITS)})")
+    if (cfg.get("n_group") or 1) > 1:
+        raise UsageError(f"group-limited routing (n_group {cfg['n_group']}): groups are contiguous ranges of expert "
+                         "ids, so appended experts would move old experts into other groups")
     new_k = k if top_k is None else top_k
     if not 1 <= new_k <= n + m:
         raise UsageError(f"--top-k must be between 1 and {n + m}, got {new_k}")

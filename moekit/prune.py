@@ -1,0 +1,214 @@
+"""The prune job: score every expert on calibration text, keep the best N' per layer, write.
+
+Scores per expert j of a layer, over the calibration tokens routed to j (BRIEF §8):
+
+- frequency: the number of tokens routed to j (profile.RouterCounter's load);
+- ean: Σ ‖E_j(x)‖₂, the expert's output norm, summed (expert activation norm);
+- reap: mean of g_j(x)·‖E_j(x)‖₂, g_j(x) the weight the router gave j (REAP, Cerebras 2025);
+- random: a seeded draw (the baseline).
+
+E_j(x) is evaluated from the layer's fused expert parameters as transformers 5.x holds them
+(`experts.gate_up_proj` [N, 2I, H], `experts.down_proj` [N, H, I]), on the tokens and with the
+weights the router chose, read where the MoE block calls its experts. Frequency only needs the
+router's choice, so it also runs under transformers 4.57 for the softmax families.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from moekit.architectures import read_field
+from moekit.checkpoint import open_checkpoint
+from moekit.checkpoint.dtypes import parse_dtype
+from moekit.checkpoint.writer import parse_size
+from moekit.errors import MoekitError, UsageError
+from moekit.inspect import describe
+from moekit.options import PruneOptions
+from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
+from moekit.surgery.layout import moe_layer_indices, source_target
+from moekit.surgery.prune import check_prune, choose_kept, keep_count, plan_prune
+
+METHODS = ("reap", "frequency", "ean", "random")
+NEEDS_NORMS = ("reap", "ean")
+
+
+class ExpertNorms:
+    """Forward pre-hooks on every MoE block's experts module (5.x: `experts(hidden, top_k_index,
+    top_k_weights)`) that add, per expert, Σ‖E_j(x)‖ and Σ g_j(x)·‖E_j(x)‖ over its routed tokens
+    into device tensors. Each routed token's expert output is computed once more, in fp32."""
+
+    def __init__(self, layers: dict[int, torch.nn.Module]):
+        self.ean: dict[int, torch.Tensor] = {}
+        self.gated: dict[int, torch.Tensor] = {}
+        self._handles = []
+        for i, experts in layers.items():
+            if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+                raise MoekitError("reap and ean scores read the fused experts of transformers 5.x "
+                                  "(experts.gate_up_proj); with this transformers use --method frequency or random")
+            self._handles.append(experts.register_forward_pre_hook(partial(self._add, i), with_kwargs=True))
+
+    def __enter__(self) -> ExpertNorms:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _add(self, i, experts, args, kwargs):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        x, index, weights = (*args, *(kwargs[k] for k in names[len(args):]))[:3]
+        n = experts.gate_up_proj.shape[0]
+        x = x.reshape(-1, x.shape[-1])
+        chosen = index.reshape(-1)
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[-1])
+        order = torch.argsort(chosen, stable=True)
+        sizes = torch.bincount(chosen, minlength=n + 1)[:n].tolist()  # index n: "no expert" (expert parallelism)
+        ean = torch.zeros(n, dtype=torch.float64, device=x.device)
+        gated = torch.zeros_like(ean)
+        start = 0
+        for e, size in enumerate(sizes):
+            if size:
+                picked = order[start:start + size]
+                h = x[token[picked]].float()
+                gate, up = F.linear(h, experts.gate_up_proj[e].float()).chunk(2, dim=-1)
+                norm = F.linear(experts.act_fn(gate) * up, experts.down_proj[e].float()).norm(dim=-1)
+                ean[e] = norm.sum()
+                gated[e] = (weights.reshape(-1)[picked].float() * norm).sum()
+            start += size
+        for acc, add in ((self.ean, ean), (self.gated, gated)):
+            acc[i] = acc[i] + add if i in acc else add
+
+
+def calibration_batches(texts: list[str], tokenizer, max_tokens: int, seq_len: int = 512, batch_size: int = 8):
+    """Packed rows of calibration text, max_tokens in all: full rows in batches, a shorter last row alone."""
+    from moekit.surgery.router_init import encode, pack_token_ids
+
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    docs, have = [], 0
+    for text in texts:
+        if have >= max_tokens:
+            break
+        docs.append(encode(tokenizer, text))
+        have += len(docs[-1]) + 1
+    stream = torch.cat(pack_token_ids(docs, seq_len, separator), dim=1)[:, :max_tokens] if docs else torch.zeros(1, 0)
+    if stream.shape[1] < 2:
+        raise MoekitError("the calibration text has fewer than 2 tokens")
+    rows = list(stream.split(seq_len, dim=1))
+    full = [r for r in rows if r.shape[1] == seq_len]
+    return [torch.cat(full[s:s + batch_size]) for s in range(0, len(full), batch_size)] + \
+           [r for r in rows if r.shape[1] != seq_len]
+
+
+@torch.no_grad()
+def expert_scores(model, batches: list[torch.Tensor], norms: bool = True) -> dict[int, dict[str, torch.Tensor]]:
+    """Per MoE layer: frequency, and with `norms` ean and reap, each [N] on the CPU."""
+    from moekit.profile import RouterCounter, find_moe_layers, input_device
+
+    moe = find_moe_layers(model)
+    device = input_device(model)
+    sums = ExpertNorms({layer.index: _experts_of(model, layer.index) for layer in moe.layers}) if norms else nullcontext()
+    with RouterCounter(moe) as counter, sums:
+        for ids in batches:
+            model.model(input_ids=ids.to(device), use_cache=False)
+    totals = counter.totals()
+    out = {}
+    for i, a in totals.items():
+        freq = a["counts"].sum(0)
+        scores = {"frequency": freq}
+        if norms:
+            ean = sums.ean.get(i, torch.zeros_like(freq)).cpu()
+            scores.update(ean=ean, reap=sums.gated.get(i, torch.zeros_like(freq)).cpu() / freq.clamp_min(1))
+        out[i] = scores
+    return out
+
+
+def _experts_of(model, i: int) -> torch.nn.Module | None:
+    block = model.model.layers[i]
+    ffn = getattr(block, "mlp", None) or getattr(block, "block_sparse_moe", None)
+    return getattr(ffn, "experts", None)
+
+
+def random_scores(layers: list[int], n: int, seed: int) -> dict[int, dict[str, torch.Tensor]]:
+    return {i: {"random": torch.rand(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + i), dtype=torch.float64)}
+            for i in layers}
+
+
+def profile_scores(path, layers: list[int], n: int) -> dict[int, dict[str, torch.Tensor]]:
+    from moekit.grow import usage_from_profile
+
+    counts = usage_from_profile(path, layers)
+    wrong = [i for i in layers if len(counts[i]) != n]
+    if wrong:
+        raise MoekitError(f"{path}: layer {wrong[0]} has counts for {len(counts[wrong[0]])} experts, the model has {n}")
+    return {i: {"frequency": counts[i].double()} for i in layers}
+
+
+def calibration_scores(opts: PruneOptions, device) -> dict[int, dict[str, torch.Tensor]]:
+    from moekit.hf import load_model, load_tokenizer
+    from moekit.surgery.router_init import builtin_calibration_text, read_text_file
+
+    model, tokenizer = load_model(opts.source, torch.float32, device)[0], load_tokenizer(opts.source)
+    texts = read_text_file(opts.calibration) if opts.calibration else builtin_calibration_text()
+    return expert_scores(model, calibration_batches(texts, tokenizer, opts.calibration_tokens),
+                         norms=opts.method in NEEDS_NORMS)
+
+
+def run_prune(opts: PruneOptions, progress: Progress | None = None) -> tuple[WriteResult, dict]:
+    from moekit.hf import resolve_device
+
+    if opts.layers != "all":  # one expert count per model in every family's config
+        raise UsageError("--layers: every MoE layer of a model has the same number of experts in its config "
+                         "(the stock classes read one count), so pruning applies to all MoE layers")
+    if opts.profile and opts.method != "frequency":
+        raise UsageError(f"--profile holds routing counts, which only --method frequency uses; {opts.method} "
+                         "needs a calibration pass (drop --profile)")
+    dtype = parse_dtype(opts.dtype) if opts.dtype else None
+    ckpt = open_checkpoint(opts.source, allow_pickle=opts.allow_pickle, dtype=dtype)
+    if describe(ckpt)["kind"] == "dense":
+        raise MoekitError(f"{ckpt.path} is a dense model: it has no experts to prune")
+    target = source_target(ckpt)
+    cfg = ckpt.config
+    n = read_field(cfg, target.experts_fields)
+    keep = keep_count(n, opts.keep, opts.ratio)
+    check_prune(ckpt, keep, opts.top_k)  # options valid before any forward pass
+    layers = moe_layer_indices(ckpt, target)
+    if opts.method == "random":
+        scores = random_scores(layers, n, opts.seed)
+    elif opts.profile:
+        scores = profile_scores(opts.profile, layers, n)
+    else:
+        scores = calibration_scores(opts, resolve_device(opts.device))
+    groups = cfg.get("n_group") or 1
+    kept = {i: choose_kept(scores[i][opts.method], keep, groups) for i in layers}
+    plan = plan_prune(ckpt, kept, top_k=opts.top_k, dtype=dtype)
+    for record in plan.layers:
+        record["scores"] = {m: [_number(v) for v in s.tolist()] for m, s in scores[record["layer"]].items()}
+    scored_on = (str(opts.profile) if opts.profile else f"seed {opts.seed}" if opts.method == "random"
+                 else str(opts.calibration or "the built-in text sample"))
+    summary = {"target": target.model_type, "method": opts.method, "scored_on": scored_on, "from": n,
+               "experts": plan.experts, "top_k": plan.top_k, "moe_layers": len(plan.layers),
+               "weights_kept": plan.weights_kept}
+    if not plan.weights_kept:
+        summary["note"] = (f"{target.model_type} routes by a softmax over all experts without renormalisation "
+                           "(norm_topk_prob false): the surviving experts' weights change (the softmax runs over "
+                           "fewer logits); measure the drift with `moekit verify SOURCE OUT`")
+    result = write_model(
+        opts.output, ckpt, plan.outputs, config=set_dtype(plan.config, plan.outputs[0].meta.dtype), operation="prune",
+        options=opts.model_dump(mode="json"), layers=plan.layers, summary=summary,
+        title=f"{target.architecture} pruned to {plan.experts} of {n} experts",
+        what=(f"`{ckpt.path.name}` with {plan.experts} of its {n} experts kept in each of {len(plan.layers)} MoE "
+              f"layers, chosen by {opts.method} scores; kept experts are renumbered densely in their old order "
+              "(the map and every score are in `moekit.json`), router rows and selection biases sliced to them, "
+              f"routed top-{plan.top_k}."),
+        max_shard_size=parse_size(opts.max_shard_size), overwrite=opts.overwrite, progress=progress)
+    return result, {**summary, "output": str(result.path), "bytes": result.bytes_written,
+                    "seconds": round(result.seconds, 2), "MB/s": round(result.mb_per_s, 1)}
+
+
+def _number(v: float) -> float | None:
+    return v if math.isfinite(v) else None
