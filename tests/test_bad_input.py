@@ -167,6 +167,8 @@ class World:
     tmp: Path
     models: dict[str, Path]
     inputs: list[Path] = field(default_factory=list)
+    monkeypatch: pytest.MonkeyPatch | None = None
+    cleanup: list[Callable[[], None]] = field(default_factory=list)  # undone after the case
 
     @property
     def out_dir(self) -> Path:
@@ -189,10 +191,12 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path, models) -> World:
-    w = World(tmp_path, models, inputs=list(models.values()))
+def world(tmp_path, models, monkeypatch) -> World:
+    w = World(tmp_path, models, inputs=list(models.values()), monkeypatch=monkeypatch)
     w.out_dir.mkdir()
-    return w
+    yield w
+    for undo in w.cleanup:
+        undo()
 
 
 def run_case(world: World, args: list[str], code: int, match: str | None, runner=run_moekit):
@@ -599,20 +603,12 @@ def _manifest_model(w: World, data: str) -> dict:
     return {"src": grown, "file": w.file("d.txt", data)}
 
 
-@pytest.fixture
-def case_world(world, monkeypatch):
-    world.monkeypatch = monkeypatch
-    world.cleanup = []
-    yield world
-    for undo in world.cleanup:
-        undo()
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(case_world, case):
+def test_bad_input(world, case):
     _, setup, args, code, match = case
-    places = {"out": case_world.out, **setup(case_world)}
-    run_case(case_world, [a.format(**places) for a in args], code, match)
+    places = {"out": world.out, **setup(world)}
+    run_case(world, [a.format(**places) for a in args], code, match)
+    assert not Path("/tmp/moekit-pickle-ran").exists()  # the code-holding pickle's command
 
 
 def test_cases_cover_every_command_and_are_many():

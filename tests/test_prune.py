@@ -4,6 +4,7 @@ transformers lines, copies kept tensors as byte ranges, and fails cleanly."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -278,3 +279,33 @@ def test_bad_profile_report(tmp_path):
     proc = prune(src, tmp_path / "out", "--keep", "4", "--method", "frequency", "--profile", str(report))
     assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cast_on_the_way(tmp_path):
+    """--dtype casts the kept weights (computed, not copied); the selection bias stays fp32."""
+    from moekit.checkpoint import open_checkpoint
+
+    src = build("glm4_moe", tmp_path / "src")
+    assert prune(src, tmp_path / "out", "--keep", "6", "--method", "random", "--dtype", "bfloat16").returncode == 0
+    out, t = open_checkpoint(tmp_path / "out"), TARGETS["glm4_moe"]
+    assert out.meta(t.router.format(i=1)).dtype == torch.bfloat16
+    assert out.meta(t.expert.format(i=1, e=5, proj="down_proj")).dtype == torch.bfloat16
+    assert out.meta(t.router_bias.format(i=1)).dtype == torch.float32
+    assert torch.isfinite(load(tmp_path / "out")(torch.randint(0, 128, (1, 8))).logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="reap reads 5.x's fused experts")
+def test_smollm2_upcycled_then_pruned_keeps_the_dense_function(smollm2, tmp_path):
+    """Real weights: the experts of an upcycled SmolLM2 are all the dense FFN, so REAP pruning on
+    the built-in text (real routing, real expert norms) keeps the dense model's logits."""
+    from tests.test_upcycle import upcycle
+
+    upcycle(smollm2, tmp_path / "4x2", "-n", "4", "-k", "2", "--router-init", "kmeans")
+    proc = prune(tmp_path / "4x2", tmp_path / "3x2", "--keep", "3", "--method", "reap", "--device", "cpu",
+                 "--calibration-tokens", "2048")
+    assert proc.returncode == 0, proc.stderr
+    shutil.rmtree(tmp_path / "4x2")  # 1.5 GB of fp32; CI disks are small
+    scores = json.loads((tmp_path / "3x2" / "moekit.json").read_text())["layers"][0]["scores"]
+    assert sum(scores["frequency"]) == 2 * 2048 and len(set(scores["reap"])) == 4  # real, distinct scores
+    assert max_rel_error(smollm2, tmp_path / "3x2", 49152, seed=21, shape=(2, 64)) <= 1e-5
