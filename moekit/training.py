@@ -352,9 +352,11 @@ def use_experts_implementation(model, implementation: str = "grouped_mm") -> str
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     except ImportError:
         ALL_EXPERTS_FUNCTIONS = None
-    if ALL_EXPERTS_FUNCTIONS is None or getattr(model.config, "_experts_implementation", None) is None:
-        if not any(isinstance(getattr(b, "experts", None), torch.nn.ModuleList) for b in moe_blocks(model).values()):
-            return "none (no fused experts)"
+    blocks = moe_blocks(model).values()
+    if not blocks:
+        return "none (a dense model)"
+    fused = not any(isinstance(getattr(b, "experts", None), torch.nn.ModuleList) for b in blocks)
+    if ALL_EXPERTS_FUNCTIONS is None or not fused or getattr(model.config, "_experts_implementation", None) is None:
         return "eager (one module per expert, transformers 4.x)"
     if implementation == "eager":
         _set_experts(model, "eager")
@@ -370,6 +372,15 @@ def use_experts_implementation(model, implementation: str = "grouped_mm") -> str
     except (ValueError, ImportError) as e:  # grouped_mm needs a recent torch (and SM80+ on CUDA)
         raise MoekitError(f"--experts-implementation {implementation}: {' '.join(str(e).split())[:200]}") from None
     return f"{implementation} (expert weights cast to the autocast dtype)"
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant: each layer's forward runs again inside
+    backward, which RoutingCounter recognises and does not count twice."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _set_experts(model, name: str) -> None:
@@ -564,7 +575,8 @@ class EvalCallback(TrainerCallback):
             self.report(entry)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.evaluate(model, state.global_step)
+        if not self.history:  # a resumed run has its history from the checkpoint
+            self.evaluate(model, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
@@ -839,6 +851,16 @@ def checkpoint_folder(output: str | Path, given: str | Path | None = None) -> Pa
     return Path(given).expanduser() if given else out.with_name(out.name + ".checkpoints")
 
 
+def last_checkpoint(folder: Path) -> str:
+    """The newest checkpoint-N folder in `folder`, for --resume."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if last is None:
+        raise MoekitError(f"--resume: no checkpoint in {folder} (written with --save-every)")
+    return last
+
+
 def _training_args(opts: TrainOptions, folder: str, cuda: bool) -> TrainingArguments:
     schedule_kwargs = {"cosine": {"min_lr_rate": opts.min_lr_ratio},
                        "wsd": {"num_decay_steps": max(1, round(opts.steps * opts.decay_share)),
@@ -881,7 +903,6 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     (OUTPUT.checkpoints by default) and `resume` continues from the last one. Returns a summary.
     """
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from transformers.trainer_utils import get_last_checkpoint
     from transformers.utils import logging as hf_logging
 
     from moekit.hf import load_model
@@ -895,11 +916,7 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     if len(examples) < opts.batch_size:
         raise MoekitError(f"only {len(examples)} row(s) of {opts.seq_len} tokens of data, fewer than --batch-size {opts.batch_size}")
     folder = checkpoint_folder(output, checkpoints) if (opts.save_every or resume) else None
-    last = None
-    if resume:
-        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-        if last is None:
-            raise MoekitError(f"--resume: no checkpoint in {folder} (written with --save-every)")
+    last = last_checkpoint(folder) if resume else None
     hf_logging.set_verbosity_error()
 
     work = tempfile.TemporaryDirectory(prefix="moekit-train-")  # Trainer wants a folder: checkpoints or nothing
@@ -909,8 +926,8 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     if warnings:
         raise MoekitError(warnings[0])
     experts = use_experts_implementation(model, opts.experts_implementation)
-    if opts.gradient_checkpointing:  # non-reentrant: recomputation inside backward, which RoutingCounter skips
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if opts.gradient_checkpointing:
+        enable_checkpointing(model)
     freeze = apply_freeze(model, manifest)
     teacher = None
     if opts.kd_weight:

@@ -75,7 +75,8 @@ def train_command(
         accelerate launch -m moekit train ./big-moe ./out --data corpus.parquet --batch-size 4
     """
     from moekit.hf import load_tokenizer
-    from moekit.training import TrainOptions, check_options, check_run, load_text_rows, read_manifest, train_model
+    from moekit.training import (TrainOptions, check_options, check_run, checkpoint_folder, last_checkpoint, load_text_rows,
+                                 read_manifest, train_model)
 
     # Everything that can be wrong with the options fails now, before minutes of loading.
     if device not in ("auto", "cpu"):
@@ -101,6 +102,8 @@ def train_command(
                         seed=seed, log_every=log_every, device=device)
     check_options(opts)
     check_run(model, output, manifest, overwrite)
+    if resume:
+        last_checkpoint(checkpoint_folder(output, checkpoint_dir))
     tokenizer = load_tokenizer(model)
     new_rows = load_text_rows(data, tokenizer, seq_len)
     replay_rows = load_text_rows(replay, tokenizer, seq_len) if replay else None
