@@ -258,9 +258,9 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_models, tmp_path, family,
 
 def test_trainer_resume_alone_loses_fused_experts(tiny_models, tmp_path):
     """Why moekit saves its own checkpoints: save_pretrained + Trainer's non-strict load drop tensors."""
-    transformers = pytest.importorskip("transformers")
-    from transformers.core_model_loading import revert_weight_conversion  # noqa: F401 (5.x only)
+    import transformers
 
+    pytest.importorskip("transformers.core_model_loading", reason="transformers 4.x keeps per-expert names at run time")
     from moekit.hf import load_model
 
     model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cpu")
