@@ -892,7 +892,8 @@ def check_options(opts: TrainOptions) -> None:
 def train_model(source: str | Path, output: str | Path, new: list[list[int]], replay: list[list[int]] | None,
                 manifest: dict | None, opts: TrainOptions, *, eval_rows: list[list[int]] | None = None,
                 checkpoints: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-                on_log: Callable[[dict], None] | None = None, record: dict | None = None) -> dict:
+                on_log: Callable[[dict], None] | None = None, record: dict | None = None,
+                callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train the model folder `source` on token rows and write it to `output`.
 
     Weights train in fp32 under bf16 autocast on GPUs that have it, fused experts included (their
@@ -900,7 +901,8 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     source's own tensor names, shapes and dtypes (per-expert Hub format, loadable by transformers
     4.57 and 5.x), with the source's config.json and side files unchanged, plus the loss curve
     (training_curve.json / .png). With `save_every`, checkpoints go to `checkpoints`
-    (OUTPUT.checkpoints by default) and `resume` continues from the last one. Returns a summary.
+    (OUTPUT.checkpoints by default) and `resume` continues from the last one. `callbacks` are
+    added to the Trainer's (a benchmark's timer). Returns a summary.
     """
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.utils import logging as hf_logging
@@ -937,7 +939,7 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
         with torch.no_grad():
             router_logits(model(input_ids=torch.tensor([new[0][:2]], device=args.device), output_router_logits=True))
     counter = RoutingCounter(model) if moe_blocks(model) else None  # a dense model trains too (a baseline)
-    callbacks = [FreezeCallback(freeze.frozen)]
+    callbacks = [FreezeCallback(freeze.frozen), *callbacks]
     stats = RoutingStatsCallback(counter) if counter else None
     if stats:
         callbacks.append(stats)

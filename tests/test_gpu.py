@@ -40,3 +40,37 @@ def test_add_experts_kmeans_on_cuda(tiny_models, tmp_path, calib):
     run_moekit("add-experts", str(src), str(tmp_path / "g"), "-m", "2", "--router-init", "kmeans",
                "--calibration", str(calib), "--calibration-tokens", "500", "--device", "cuda", "--drift-tokens", "256",
                check=True)
+
+
+def test_fused_experts_run_in_bf16_under_autocast(tiny_models):
+    """fp32 master weights, bf16 autocast: the grouped_mm experts must compute what a bf16 copy of
+    them computes (transformers' grouped_mm would otherwise run them in fp32)."""
+    import copy
+
+    from moekit.hf import load_model
+    from moekit.training import moe_blocks, use_experts_implementation
+
+    model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cuda")
+    assert use_experts_implementation(model).startswith("grouped_mm")
+    experts = next(iter(moe_blocks(model).values())).experts
+    x = torch.randn(64, model.config.hidden_size, device="cuda")
+    index = torch.randint(0, 4, (64, 2), device="cuda")
+    weights = torch.rand(64, 2, device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        fast = experts(x, index, weights).float()
+    bf16 = copy.deepcopy(experts).to(torch.bfloat16)
+    want = bf16(x.to(torch.bfloat16), index, weights).float()
+    fp32 = experts(x, index, weights).float()  # no autocast: fp32 all through
+    assert (fast - want).abs().max() <= 0.1 * (fp32 - want).abs().max()
+
+
+def test_train_on_cuda_with_checkpointing(tiny_models, tmp_path):
+    from moekit.training import TrainOptions, train_model
+
+    rows = torch.randint(3, 128, (64, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    opts = TrainOptions(steps=4, lr=1e-2, batch_size=4, seq_len=32, aux_loss_coef=0.01, gradient_checkpointing=True,
+                        eval_share=0.1, eval_every=2, save_every=2, log_every=1)
+    summary = train_model(tiny_models("qwen3_moe"), tmp_path / "out", rows, None, None, opts)
+    assert summary["experts"].startswith("grouped_mm") and summary["peak memory GiB"] > 0
+    assert summary["last eval loss"] < summary["first eval loss"]
+    assert summary["devices"].endswith("cuda") and (tmp_path / "out.checkpoints" / "checkpoint-4").is_dir()
