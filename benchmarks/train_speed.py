@@ -10,7 +10,8 @@ synchronisations in all, so the clock holds the GPU's work and nothing more):
 - moekit_dense: `moekit train --freeze none` on the dense model (fp32 master weights, bf16 autocast);
 - moekit_8x2: `moekit train --freeze none --aux-loss-coef 0.01` on the 8 × top-2 upcycle
   (`moekit upcycle DENSE MOE -n 8 -k 2`), experts through grouped_mm in bf16;
-- moekit_8x2_checkpointing: the same with `--gradient-checkpointing`.
+- moekit_8x2_checkpointing: the same with `--gradient-checkpointing`;
+- moekit_8x2_two_at_once: two moekit_8x2 processes on the GPU at once (throughput gain over one).
 
     python benchmarks/train_speed.py SKELETON ROWS.pt OUT.json
 SKELETON: a folder with SmolLM2-135M's config.json and tokenizer files (`moekit convert` of the GGUF).
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 
 from moekit.training import TrainOptions, train_model
 
@@ -77,6 +79,7 @@ def dense_trainer(folder: Path, rows: torch.Tensor, steps: int, timed_from: int,
                                  optim="adamw_torch_fused", logging_steps=1, save_strategy="no", report_to="none",
                                  disable_tqdm=True, dataloader_drop_last=True)
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)
         if DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
@@ -116,7 +119,8 @@ def main() -> None:
     ap.add_argument("--timed-from", type=int, default=5)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "train-speed")
-    ap.add_argument("--runs", default="dense_trainer_bf16,moekit_dense,moekit_8x2,moekit_8x2_checkpointing")
+    ap.add_argument("--runs", default="dense_trainer_bf16,moekit_dense,moekit_8x2,moekit_8x2_checkpointing,"
+                                      "moekit_8x2_two_at_once")
     args = ap.parse_args()
     rows = torch.load(args.rows)[: args.steps * 16]
     dense, moe = args.work / "dense", args.work / "moe-8x2"
@@ -136,20 +140,35 @@ def main() -> None:
     results = {"setup": {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
                          "transformers": transformers.__version__, "steps": args.steps, "timed_steps":
                          f"{args.timed_from + 1}-{args.steps}", "batch": f"16 x {rows.shape[1]}"}, "runs": {}}
+    def two_at_once() -> dict:
+        """moekit_8x2 in two processes at once on the same GPU: does a second run fill what one leaves idle?"""
+        outs = [args.work / f"two-{i}.json" for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, __file__, str(args.skeleton), str(args.rows), str(o), "--steps",
+                                   str(args.steps), "--timed-from", str(args.timed_from), "--work", str(args.work),
+                                   "--runs", "moekit_8x2"], stdout=subprocess.DEVNULL) for o in outs]
+        if any(p.wait() for p in procs):
+            raise RuntimeError("a run failed")
+        ms = [json.loads(o.read_text())["runs"]["moekit_8x2"]["ms_per_step"] for o in outs]
+        one = results["runs"]["moekit_8x2"]["ms_per_step"]
+        return {"ms_per_step_each": ms, "throughput_gain": 2 * one / (sum(ms) / 2)}
+
+    runs["moekit_8x2_two_at_once"] = two_at_once
     for name in args.runs.split(","):
         try:
             results["runs"][name] = runs[name]()
         except Exception as e:  # one run failing must not cost the others their GPU time
             results["runs"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         r = results["runs"][name]
-        print(name, {k: v for k, v in r.items() if k != "losses"}, flush=True)
+        print(name, {k: v for k, v in r.items() if k not in ("losses", "first_loss", "last_loss") or k == "last_loss"},
+              flush=True)
         args.out.write_text(json.dumps(results, indent=1))
     base = results["runs"].get("dense_trainer_bf16", {}).get("ms_per_step")
     for r in results["runs"].values():
         if base and r.get("ms_per_step"):
             r["x_dense_trainer_bf16"] = round(r["ms_per_step"] / base, 3)
     args.out.write_text(json.dumps(results, indent=1))
-    print(json.dumps({k: {m: v.get(m) for m in ("ms_per_step", "x_dense_trainer_bf16", "peak_gib", "first_loss", "last_loss")}
+    print(json.dumps({k: {m: v.get(m) for m in ("ms_per_step", "x_dense_trainer_bf16", "peak_gib", "first_loss", "last_loss",
+                                                "throughput_gain", "error") if m in v}
                       for k, v in results["runs"].items()}), flush=True)
 
 

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ARMS = {  # name -> (model folder key, seed)
+ARMS = {  # name -> (model folder key, seed), in the order they run: a deadline cuts the tail
     "dense": ("dense", 0), "8x2": ("8x2", 0), "8x2-drop": ("8x2-drop", 0), "32x8": ("32x8", 0),
     "dense-seed1": ("dense", 1), "8x2-seed1": ("8x2-seed1", 1),
 }
@@ -122,14 +122,20 @@ def run_arm(model: Path, out_json: Path, data: Path, opts: dict) -> None:
     need = opts["steps"] * opts["batch_size"]
     train_rows = rows[:need].tolist()  # the same rows for every arm; their order comes from the seed
     eval_rows = torch.load(data / "eval.pt").tolist()
-    logs: list[dict] = []
+    curve: dict[str, list] = {"train": [], "eval": []}
+
+    def record(logs: dict) -> None:  # written as it comes: an arm stopped at the deadline keeps its curve
+        curve["eval" if "eval_loss" in logs else "train"].append(logs)
+        if "eval_loss" in logs:
+            out_json.write_text(json.dumps({"curve": curve, "partial": True}, default=str))
+
     output = out_json.with_suffix(".model")
     shutil.rmtree(output, ignore_errors=True)
     summary = train_model(model, output, train_rows, None, None, TrainOptions(**opts), eval_rows=eval_rows,
-                          on_log=logs.append)
+                          on_log=record)
     curve = json.loads((output / "training_curve.json").read_text())
     shutil.rmtree(output, ignore_errors=True)  # GBs; the numbers are what the evidence needs
-    out_json.write_text(json.dumps({"summary": summary, "curve": curve, "rows_available": len(rows)}, indent=1, default=str))
+    out_json.write_text(json.dumps({"summary": summary, "curve": curve}, default=str))
 
 
 def at_flops(curve: list[dict], flops_per_tok: float, budget: float) -> float | None:
@@ -183,8 +189,8 @@ def main() -> None:
     ap.add_argument("--steps", default="auto")
     ap.add_argument("--max-steps", type=int, default=610)  # 10M tokens of 16 x 1024
     ap.add_argument("--speed", type=Path, help="train_speed.py's JSON (for --steps auto)")
-    ap.add_argument("--budget-s", type=float, default=420)
-    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--budget-s", type=float, default=420, help="plan for this; arms still running then are stopped")
+    ap.add_argument("--parallel", default="1", help="arms at once; auto: 2 where train_speed.py measured a gain")
     ap.add_argument("--parallel-gain", type=float, default=1.0, help="throughput of --parallel arms over one")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -196,23 +202,28 @@ def main() -> None:
     args.eval_every_steps = lambda steps: max(1, steps // args.evals)
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "arms").mkdir(exist_ok=True)
+    arms_dir = args.work / "arms"
+    arms_dir.mkdir(parents=True, exist_ok=True)
     models, build_commands = build_models(args.gguf, args.work)
     built = time.time() - start
+    speed = json.loads(args.speed.read_text()) if args.speed else {}
+    if args.parallel == "auto":
+        gain = speed.get("runs", {}).get("moekit_8x2_two_at_once", {}).get("throughput_gain") or 1.0
+        args.parallel, args.parallel_gain = (2, gain) if gain > 1.15 else (1, 1.0)
+    args.parallel = int(args.parallel)
     if args.steps == "auto":
-        speed = json.loads(args.speed.read_text())
         steps = plan_steps(args, speed, args.parallel_gain, built)
     else:
         steps = int(args.steps)
     corpus = json.loads((args.data / "corpus.json").read_text())
     if steps * 16 > corpus["train_rows"]:
         raise SystemExit(f"{steps} steps need {steps * 16} rows, the corpus has {corpus['train_rows']}")
-    print(f"models built in {built:.0f} s; {steps} steps per arm", flush=True)
+    print(f"models built in {built:.0f} s; {steps} steps per arm, {args.parallel} at a time", flush=True)
     queue = list(args.arms)
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     results = {"setup": {"steps": steps, "seq_len": args.seq_len, "tokens_per_arm": steps * 16 * args.seq_len,
                          "corpus": corpus, "build_commands": build_commands, "build_seconds": round(built, 1),
-                         "parallel": args.parallel, "softmax-topk": "not run: SmolLM2 is a Llama; softmax-topk "
+                         "parallel": args.parallel, "parallel_gain": args.parallel_gain, "softmax-topk": "not run: SmolLM2 is a Llama; softmax-topk "
                          "targets (qwen2_moe, qwen3_moe, flex_olmo) take Qwen2/Qwen3/OLMo2 parents and upcycle refuses "
                          "llama -> qwen2_moe as not exact"}, "arms": {}}
     while queue or running:
@@ -225,21 +236,31 @@ def main() -> None:
                                      "flops_per_token": flops_per_token(config, args.seq_len),
                                      "total_params": total_params(config)}
             running[name] = (subprocess.Popen([sys.executable, __file__, "_arm", str(models[key]),
-                                               str(args.out / "arms" / f"{name}.json"), str(args.data), json.dumps(opts)]),
+                                               str(arms_dir / f"{name}.json"), str(args.data), json.dumps(opts)]),
                              time.time())
         time.sleep(1)
+        late = time.time() - start > args.budget_s
+        if late and queue:
+            print(f"deadline: not run: {', '.join(queue)}", flush=True)
+            results["setup"]["not_run"] = queue
+            queue = []
         for name, (proc, began) in list(running.items()):
+            if late and proc.poll() is None:
+                proc.terminate()  # its curve so far is on disk
+                proc.wait()
+                results["arms"][name]["stopped_at_deadline"] = True
             if proc.poll() is not None:
                 del running[name]
                 arm = results["arms"][name]
                 arm["wall_seconds"] = round(time.time() - began, 1)
-                path = args.out / "arms" / f"{name}.json"
-                if proc.returncode or not path.exists():
+                path = arms_dir / f"{name}.json"
+                done = json.loads(path.read_text()) if path.exists() else {}
+                if "curve" in done:
+                    arm.update(curve=done["curve"]["eval"], summary=done.get("summary"))
+                if proc.returncode:
                     arm["error"] = f"exit {proc.returncode}"
-                else:
-                    done = json.loads(path.read_text())
-                    arm.update(summary=done["summary"], curve=done["curve"]["eval"])
                 print(name, {k: v for k, v in arm.items() if k not in ("curve",)}, flush=True)
+                (args.out / "upcycle_pays.json").write_text(json.dumps(results, indent=1, default=str))
     # equal tokens: the last evaluation; equal FLOPs: each arm at the dense arm's final FLOPs
     dense = results["arms"].get("dense", {})
     budget = dense["curve"][-1]["tokens"] * dense["flops_per_token"] if "curve" in dense else None
