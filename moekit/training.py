@@ -364,13 +364,17 @@ def use_experts_implementation(model, implementation: str = "grouped_mm") -> str
     if implementation not in ALL_EXPERTS_FUNCTIONS:
         raise UsageError(f"--experts-implementation {implementation!r}: this transformers knows eager, "
                          + ", ".join(sorted(ALL_EXPERTS_FUNCTIONS)))
+    try:  # transformers checks that it can run here (grouped_mm: a recent torch, SM80+ on CUDA)
+        _set_experts(model, implementation)
+    except (ValueError, ImportError) as e:
+        raise MoekitError(f"--experts-implementation {implementation}: {' '.join(str(e).split())[:200]}") from None
     name = implementation + LOW_PRECISION_SUFFIX
     if name not in ALL_EXPERTS_FUNCTIONS:
         ALL_EXPERTS_FUNCTIONS.register(name, _autocast_experts(ALL_EXPERTS_FUNCTIONS[implementation]))
-    try:
-        _set_experts(model, name)
-    except (ValueError, ImportError) as e:  # grouped_mm needs a recent torch (and SM80+ on CUDA)
-        raise MoekitError(f"--experts-implementation {implementation}: {' '.join(str(e).split())[:200]}") from None
+    # then the same function behind the cast, set on every config the experts read theirs from
+    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        if getattr(config, "_experts_implementation", None) == implementation:
+            config._experts_implementation = name
     return f"{implementation} (expert weights cast to the autocast dtype)"
 
 
