@@ -451,8 +451,13 @@ class RoutingCounter:
 
     def _indices(self, name, n, module, args, kwargs):
         index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-        # 5.x may mark a slot "no expert" with index n (expert parallelism): not a load
-        self._add(name, n, index.device, torch.bincount(index.flatten(), minlength=n + 1)[:n])
+        # 5.x may mark a slot "no expert" with index n (expert parallelism): not a load. A scatter,
+        # not bincount: bincount's output size depends on the data, so on CUDA it waits for the GPU
+        # (a host synchronisation in every MoE layer of every forward).
+        flat = index.flatten()
+        load = torch.zeros(n + 1, dtype=torch.float64, device=index.device).scatter_add_(
+            0, flat.clamp(max=n), torch.ones_like(flat, dtype=torch.float64))
+        self._add(name, n, index.device, load[:n])
 
     def _sizes(self, name, module, args, output):
         sizes = torch.tensor(output[3], dtype=torch.float64)
