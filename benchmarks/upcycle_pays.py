@@ -153,23 +153,27 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
     colours = {"dense": "k", "8x2": "tab:blue", "8x2-drop": "tab:orange", "32x8": "tab:green"}
-    for name, arm in results["arms"].items():
-        if "curve" not in arm:
-            continue
+    arms = {n: a for n, a in results["arms"].items() if a.get("curve")}
+    start = arms["dense"]["curve"][0]["eval_loss"] if "dense" in arms else None
+    lows = [e["eval_loss"] for a in arms.values() for e in a["curve"]]
+    top = start * 1.03 if start else max(lows)
+    for name, arm in arms.items():
         base = name.replace("-seed1", "")
         style = dict(color=colours.get(base, "tab:red"), ls="--" if name.endswith("seed1") else "-", marker=".")
         tokens = [e["tokens"] / 1e6 for e in arm["curve"]]
         losses = [e["eval_loss"] for e in arm["curve"]]
-        axes[0].plot(tokens, losses, label=name, **style)
-        axes[1].plot([t * 1e6 * arm["flops_per_token"] / 1e15 for t in tokens], losses, label=name, **style)
+        label = name if max(losses) <= top else f"{name} ({losses[0]:.1f} → {losses[-1]:.2f}, mostly off scale)"
+        axes[0].plot(tokens, losses, label=label, **style)
+        axes[1].plot([t * 1e6 * arm["flops_per_token"] / 1e15 for t in tokens], losses, label=label, **style)
     axes[0].set_xlabel("training tokens (M)")
     axes[1].set_xlabel("training FLOPs (PFLOP)")
     for ax in axes:
         ax.set_ylabel("held-out loss (Python code)")
+        ax.set_ylim(min(lows) - 0.02, top)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle(f"SmolLM2-135M continued on Python sources: dense vs upcycled ({results['setup']['steps']} steps of 16 x {results['setup']['seq_len']})")
     fig.tight_layout()
     fig.savefig(path)
@@ -177,6 +181,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--replot":  # --replot RESULTS.json PLOT.png
+        plot(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "_arm":  # a child process: one arm
         _, _, model, out_json, data, opts = sys.argv
         run_arm(Path(model), Path(out_json), Path(data), json.loads(opts))
