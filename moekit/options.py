@@ -9,11 +9,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moekit.errors import UsageError
 
 RouterInit = Literal["random", "uniform", "zero", "kmeans", "prompts"]
+# renormalised: the target's renormalised top-k (norm_topk_prob: true), exact with any router.
+# softmax-topk: softmax over all N experts, top-K, no renormalisation; exact at init with a zero
+# router and every expert's down_proj × N/K (BRIEF §7).
+UpcycleRouting = Literal["renormalised", "softmax-topk"]
 
 
 class SurgeryOptions(BaseModel):
@@ -38,13 +42,20 @@ class UpcycleOptions(SurgeryOptions):
     top_k: int = Field(2, description="K experts per token")
     target: str | None = None
     shared_experts: int | None = None
-    router_init: RouterInit = "random"
+    routing: UpcycleRouting = "renormalised"
+    router_init: RouterInit | None = None  # default: random, or zero with --routing softmax-topk
     prompts: list[Path] = []
     negative_prompts: Path | None = None
     noise: float = 0.0
     drop_upcycling: float = 0.0
     moe_layers: str = "all"
     expert_sources: list[str] = []
+
+    @model_validator(mode="after")
+    def _default_router_init(self):
+        if self.router_init is None:  # only a zero router keeps softmax-topk exact at init
+            self.router_init = "zero" if self.routing == "softmax-topk" else "random"
+        return self
 
 
 def load_options(model: type[BaseModel], recipe: Path | None, cli: dict) -> BaseModel:

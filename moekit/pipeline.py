@@ -17,7 +17,9 @@ import torch
 from moekit.checkpoint import Checkpoint, CheckpointWriter, TensorMeta
 from moekit.checkpoint.dtypes import config_name
 from moekit.checkpoint.reader import TOKENIZER_FILES
+from moekit.compat import for_both_lines, tokenizer_config_for_both_lines
 from moekit.provenance import build_record, model_card, source_record
+from moekit.runtimes import Facts, caveats
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
 
@@ -76,9 +78,11 @@ def set_dtype(config: dict, dtype: torch.dtype) -> dict:
 def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *, config: dict,
                 operation: str, options: dict, layers: list[dict], summary: dict, title: str, what: str,
                 extra_sources: list[Checkpoint] = (), extra: dict | None = None, max_shard_size: int, overwrite: bool,
-                progress: Progress | None = None, files: dict[str, bytes] | None = None) -> WriteResult:
+                progress: Progress | None = None, notes: list[str] = (),
+                files: dict[str, bytes] | None = None) -> WriteResult:
     """Write `outputs` plus config, side files, moekit.json (with `extra` keys), README.md and any
-    further `files` (name -> content); atomic as a whole."""
+    further `files` (name -> content); atomic as a whole. `notes` (caveats, one line each) go into
+    moekit.json, the model card and the returned warnings."""
     start = time.perf_counter()
     all_sources = [source, *extra_sources]
     # Hash the sources for provenance while the output is written (hashlib releases the GIL).
@@ -95,7 +99,11 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
             if progress:
                 progress(out.bytes_written, out.total_bytes, o.meta.name)
         side_files = source.write_side_files(out.files_dir)
-        warnings = []
+        tokenizer_config_for_both_lines(out.files_dir)
+        # RoPE and renamed fields in the forms both transformers lines read, as 5.x reads them now
+        config = for_both_lines(config, defaults_of=source.config.get("model_type"))
+        notes = [*notes, *caveats(Facts.of_folder(out.files_dir, config, (o.meta.name for o in outputs)))]
+        warnings = list(notes)
         if not any(f in side_files for f in TOKENIZER_FILES):
             warnings.append(f"{source.path}: no tokenizer files; the output has none either (copy them in by hand)")
         out.write_json("config.json", config)
@@ -103,6 +111,8 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
         summary = {**summary, "bytes written": out.total_bytes, "seconds": round(seconds, 2),
                    "shards": len(out.shards)}
         record = {**build_record(operation, options, records(), layers, summary), **(extra or {})}
+        if notes:
+            record["notes"] = list(notes)
         out.write_json("moekit.json", record)
         out.write_text("README.md", model_card(title, what, record))
         for name, data in (files or {}).items():

@@ -43,6 +43,8 @@ def model_card(title: str, what: str, record: dict) -> str:
     """A Hugging Face model card: front matter, what the model is, and how to reproduce it."""
     summary = "\n".join(f"| {k} | {v} |" for k, v in record["summary"].items())
     sources = "\n".join(f"- `{s['path']}`" for s in record["sources"])
+    notes = "".join(f"- {n}\n" for n in record.get("notes", ()))
+    notes = f"\n## Caveats\n\n{notes}" if notes else ""
     return f"""---
 library_name: transformers
 tags:
@@ -53,7 +55,7 @@ tags:
 # {title}
 
 {what}
-
+{notes}
 Made by [moekit](https://pypi.org/project/moekit/) {record['moekit_version']} on {record['created']}:
 
 ```

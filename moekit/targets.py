@@ -14,6 +14,7 @@ from moekit.architectures import SIGMOID_BIASED, SOFTMAX_RENORM, SOFTMAX_TOPK, T
 PROJS = ("gate", "up", "down")  # moekit's names for a SwiGLU FFN's projections
 DENSE_FFN = "model.layers.{i}.mlp.{proj}_proj.weight"
 HF_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class Target:
     layer_fields: str = "all"  # how the target says which layers are MoE: all | sparse_step | first_k
     config: dict = field(default_factory=dict)  # fields set for exactness (BRIEF §4)
     parent_requires: dict = field(default_factory=dict)  # parent config values the target cannot change
+    softmax_topk: bool = False  # can say "softmax over all experts, top-k, no renormalisation" (norm_topk_prob)
+    # A runtime of this architecture never ties lm_head to the embeddings (moekit.runtimes): a tied
+    # parent's child gets lm_head.weight written out and tie_word_embeddings false.
+    untie: bool = False
 
 
 _EXPERTS = "model.layers.{i}.mlp.experts.{e}.{proj}.weight"
@@ -57,21 +62,21 @@ TARGETS: dict[str, Target] = {t.model_type: t for t in [
            shared_gate="model.layers.{i}.mlp.shared_expert_gate.weight", shared_range=(1, 1),
            experts_fields=("num_experts",), width_field="moe_intermediate_size",
            shared_field="shared_expert_intermediate_size", shared_is_count=False, layer_fields="sparse_step",
-           config={"norm_topk_prob": True, "qkv_bias": True}),
+           config={"norm_topk_prob": True, "qkv_bias": True}, softmax_topk=True, untie=True),
     Target("qwen3_moe", "Qwen3MoeForCausalLM", SOFTMAX_TOPK, ("qwen3",),
            router=_ROUTER, expert=_EXPERTS,
            experts_fields=("num_experts", "num_local_experts"), width_field="moe_intermediate_size",
-           layer_fields="sparse_step", config={"norm_topk_prob": True}),
+           layer_fields="sparse_step", config={"norm_topk_prob": True}, softmax_topk=True),
     Target("glm4_moe", "Glm4MoeForCausalLM", SIGMOID_BIASED, ("llama", "mistral", "qwen2", "qwen3"),
            router=_ROUTER, expert=_EXPERTS, router_bias="model.layers.{i}.mlp.gate.e_score_correction_bias",
            shared="model.layers.{i}.mlp.shared_experts.{proj}.weight", shared_range=(1, 8),
            experts_fields=("n_routed_experts",), width_field="moe_intermediate_size",
            shared_field="n_shared_experts", layer_fields="first_k",
            config={"norm_topk_prob": True, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
-                   "partial_rotary_factor": 1.0, "num_nextn_predict_layers": 0}),
+                   "partial_rotary_factor": 1.0, "num_nextn_predict_layers": 0}, untie=True),
     Target("flex_olmo", "FlexOlmoForCausalLM", SOFTMAX_TOPK, ("olmo2",),
            router=_ROUTER, expert=_EXPERTS, experts_fields=("num_experts",),
-           config={"norm_topk_prob": True}),
+           config={"norm_topk_prob": True}, softmax_topk=True, untie=True),
     Target("granitemoe", "GraniteMoeForCausalLM", TOPK_SOFTMAX, ("granite",),
            router="model.layers.{i}.block_sparse_moe.router.layer.weight",
            fused_gate_up="model.layers.{i}.block_sparse_moe.input_linear.weight",
@@ -92,6 +97,14 @@ TARGETS: dict[str, Target] = {t.model_type: t for t in [
 # The natural target of each dense family (BRIEF §4).
 DEFAULT_TARGET = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe",
                   "olmo2": "flex_olmo", "granite": "granitemoe"}
+
+# Why a target cannot take `--routing softmax-topk` (softmax over all experts, top-k, no renormalisation).
+NO_SOFTMAX_TOPK = {
+    "mixtral": "Mixtral always renormalises its top-k weights (no norm_topk_prob)",
+    "glm4_moe": "GLM-4.5 routes with sigmoid scores, not a softmax over experts",
+    "granitemoe": "GraniteMoe takes the softmax over the top-k logits only",
+    "granitemoeshared": "GraniteMoeShared takes the softmax over the top-k logits only",
+}
 
 WHY_NOT = {
     "olmoe": "OLMoE normalises after attention and MLP (post-norm) where its dense parents normalise before: not exact",

@@ -23,16 +23,17 @@ def run_upcycle(opts: UpcycleOptions, progress: Progress | None = None) -> tuple
     data_rows = (lambda layers: data_router_rows(ckpt, opts, layers)) if opts.router_init in ("kmeans", "prompts") else None
     plan = plan_upcycle(ckpt, opts.target, opts.experts, opts.top_k, shared=opts.shared_experts,
                         moe_layers_spec=opts.moe_layers, router_init=opts.router_init, data_rows=data_rows,
-                        noise=opts.noise, drop=opts.drop_upcycling, expert_sources=extra, dtype=dtype, seed=opts.seed)
+                        noise=opts.noise, drop=opts.drop_upcycling, expert_sources=extra, dtype=dtype, seed=opts.seed,
+                        routing=opts.routing)
     out_dtype = plan.outputs[0].meta.dtype
     total = sum(o.meta.numel for o in plan.outputs)
     expert_params = sum(o.meta.numel for o in plan.outputs if ".experts." in o.meta.name or "_linear" in o.meta.name
                         and "shared" not in o.meta.name)
     active = total - expert_params + expert_params * opts.top_k // opts.experts
-    exact = not (opts.noise or opts.drop_upcycling)
+    exact = plan.exact
     summary = {"target": plan.target.model_type, "experts": opts.experts, "top_k": opts.top_k,
                "shared_experts": plan.layers[0]["shared_experts"] if plan.layers else 0,
-               "moe_layers": len(plan.moe_layers), "router_init": opts.router_init, "exact": exact,
+               "moe_layers": len(plan.moe_layers), "routing": opts.routing, "router_init": opts.router_init, "exact": exact,
                "params_total": total, "params_active": active, "dtype": str(out_dtype).removeprefix("torch.")}
     result = write_model(
         opts.output, ckpt, plan.outputs, config=set_dtype(plan.config, out_dtype), operation="upcycle",
@@ -41,8 +42,9 @@ def run_upcycle(opts: UpcycleOptions, progress: Progress | None = None) -> tuple
         what=(f"A {plan.target.model_type} Mixture-of-Experts model with {opts.experts} experts and top-{opts.top_k} "
               f"routing in {len(plan.moe_layers)} layers, each expert a copy of the dense FFN of `{ckpt.path.name}`. "
               + ("It computes exactly what its parent computes until it is trained." if exact else
-                 "Experts were perturbed on purpose (noise / Drop-Upcycling), so it is close to, not equal to, its parent.")),
-        extra_sources=extra, max_shard_size=shard, overwrite=opts.overwrite, progress=progress)
+                 "Experts were perturbed on purpose (noise / Drop-Upcycling) or the router is not one its routing is "
+                 "exact with, so it is close to, not equal to, its parent.")),
+        extra_sources=extra, max_shard_size=shard, overwrite=opts.overwrite, progress=progress, notes=plan.notes)
     return result, {**summary, "output": str(result.path), "bytes": result.bytes_written,
                     "seconds": round(result.seconds, 2), "MB/s": round(result.mb_per_s, 1)}
 

@@ -79,14 +79,29 @@ def _tokenise(texts: Iterable[str], tokenizer, tokens: int, what: str, separate:
     return torch.tensor(flat[:tokens])
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """[positions, vocab] in fp32 whatever the model dtype; `model` is a transformers module or a
+    function of the ids batch (another runtime, e.g. llama.cpp)."""
+    if not isinstance(model, torch.nn.Module):
+        return torch.as_tensor(model(ids)).float().flatten(0, -2)
     logits = model(input_ids=ids.to(model.device), use_cache=False).logits
-    return logits.float().flatten(0, -2)  # [positions, vocab]; metrics in fp32 whatever the model dtype
+    return logits.float().flatten(0, -2)
+
+
+def llamacpp_runner(gguf: Path):
+    """A function of an ids batch [b, s] giving llama.cpp's logits [b, s, vocab] for `gguf`."""
+    import numpy as np
+
+    from moekit.llamacpp import logits
+
+    def run(ids: torch.Tensor):
+        return np.stack(logits(gguf, ids.tolist()))
+
+    return run
 
 
 @torch.no_grad()
-def compare_models(parent_model: torch.nn.Module, child_model: torch.nn.Module,
-                   input_ids_batches: list[torch.Tensor]) -> dict:
+def compare_models(parent_model, child_model, input_ids_batches: list[torch.Tensor]) -> dict:
     """Run both models on every batch and measure how far CHILD's logits are from PARENT's.
 
     max_rel_error = max |a - b| / max |a| over all positions and vocabulary entries (a: PARENT);

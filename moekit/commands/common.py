@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from moekit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO, MoekitError
@@ -38,7 +39,7 @@ MaybeOverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # "[x]" is text, not markup
     return typer.Exit(code)
 
 
@@ -89,7 +90,7 @@ def run_surgery(label: str, job, opts, json_output: bool, describe) -> None:
     with byte_progress(label, not json_output) as progress:
         result, summary = job(opts, progress)
     for w in result.warnings + ([summary["note"]] if "note" in summary else []):
-        err.print(f"[yellow]warning:[/] {w}")
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if json_output:
         print_json(summary)
     else:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from moekit.commands.common import JsonOpt, PickleOpt, SourceArg, handle_errors, out, print_json
@@ -10,7 +11,8 @@ def inspect_command(source: SourceArg, json_output: JsonOpt = False, allow_pickl
     """Describe a checkpoint from its config and tensor headers: no weights are loaded.
 
     Shows the architecture, layers, widths, experts / top-k / shared experts, the routing family,
-    parameters total and active per token, dtypes and file sizes. Where the checkpoint does not
+    parameters total and active per token, dtypes and file sizes, and for the MoE architectures
+    moekit writes, the runtimes (transformers 5.x / 4.57, llama.cpp, vLLM) known to compute it. Where the checkpoint does not
     say something, the report says so in its notes instead of guessing.
 
     Examples:
@@ -18,10 +20,14 @@ def inspect_command(source: SourceArg, json_output: JsonOpt = False, allow_pickl
         moekit inspect smollm2-135m
         moekit inspect ./my-moe --json | jq .moe
     """
+    from moekit import runtimes
     from moekit.checkpoint import open_checkpoint
     from moekit.inspect import describe
 
-    report = describe(open_checkpoint(source, allow_pickle=allow_pickle))
+    ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
+    report = describe(ckpt)
+    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    report["runtimes"] = runtimes.report(runtimes.Facts.of_folder(folder, ckpt.config, ckpt.tensors))
     if json_output:
         print_json(report)
     else:
@@ -64,4 +70,8 @@ def report_table(r: dict) -> Table:
     t.add_row("size on disk", f"{r['bytes_total'] / 1e6:,.1f} MB in {len(r['files'])} file(s)")
     for note in r["notes"]:
         t.add_row("[yellow]note[/]", note)
+    for run in r.get("runtimes", []):  # known only for the MoE architectures moekit writes (moekit.runtimes)
+        colour = {"exact": "green", "wrong": "yellow", "fails": "red"}[run["status"]]
+        t.add_row(f"runs in {run['runtime']}", f"[{colour}]{run['status']}[/] ({run['how']})"
+                  + (f": {escape(run['why'])}" if "why" in run else ""))
     return t

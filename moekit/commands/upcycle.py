@@ -18,7 +18,8 @@ def upcycle_command(
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help="Experts per token, 1 ≤ K ≤ N. [default: 2]")] = None,
     target: Annotated[Optional[str], typer.Option(help="mixtral, qwen2_moe, qwen3_moe, glm4_moe, flex_olmo, granitemoe, granitemoeshared. [default: the parent family's natural target]")] = None,
     shared_experts: Annotated[Optional[int], typer.Option(help="Shared experts (qwen2_moe: 1, glm4_moe: 1-8, granitemoeshared: 1); they start with zero output.")] = None,
-    router_init: Annotated[Optional[str], typer.Option(help="random | uniform | zero | kmeans | prompts. [default: random]")] = None,
+    routing: Annotated[Optional[str], typer.Option(help="renormalised (top-k weights sum to 1) | softmax-topk (softmax over all N, top-K, no renormalisation: qwen2_moe, qwen3_moe, flex_olmo; exact at init with a zero router, down_proj × N/K). [default: renormalised]")] = None,
+    router_init: Annotated[Optional[str], typer.Option(help="random | uniform | zero | kmeans | prompts. [default: random; zero with --routing softmax-topk]")] = None,
     calibration: CalibrationOpt = None,
     calibration_tokens: CalibrationTokensOpt = None,
     prompts: Annotated[Optional[list[Path]], typer.Option("--prompts", help="One prompt file per expert for --router-init prompts (repeat the flag).")] = None,
@@ -39,7 +40,9 @@ def upcycle_command(
     """Turn a dense checkpoint into a native MoE checkpoint: every expert a copy of the FFN.
 
     Without --noise / --drop-upcycling the result computes exactly what the parent computes (its
-    routing weights sum to 1 over identical experts), until you train it. Tensors are streamed:
+    routing weights sum to 1 over identical experts; with --routing softmax-topk a zero router and
+    down_proj × N/K do the same), until you train it. Where a runtime will not compute it (e.g.
+    renormalised qwen2_moe in llama.cpp), a warning and the model card say so (docs/runtimes.md). Tensors are streamed:
     memory stays at a few tensors whatever the model size.
 
     Examples:
@@ -47,13 +50,14 @@ def upcycle_command(
         moekit upcycle smollm2-135m ./smol-moe --experts 8 --top-k 2 --dtype bfloat16
         moekit upcycle ./qwen3-dense ./qwen3-moe -n 16 -k 4 --moe-layers every:2
         moekit upcycle ./llama ./glm --target glm4_moe --shared-experts 1 --router-init kmeans
+        moekit upcycle ./qwen3 ./qwen3-moe -n 8 -k 2 --routing softmax-topk   # no renormalisation
         moekit upcycle --recipe recipes/smollm2-mixtral-8x2.yaml
     """
     from moekit.options import UpcycleOptions, load_options
 
     opts = load_options(UpcycleOptions, recipe, dict(
         source=source, output=output, experts=experts, top_k=top_k, target=target, shared_experts=shared_experts,
-        router_init=router_init, calibration=calibration, calibration_tokens=calibration_tokens, prompts=prompts or [], negative_prompts=negative_prompts,
+        routing=routing, router_init=router_init, calibration=calibration, calibration_tokens=calibration_tokens, prompts=prompts or [], negative_prompts=negative_prompts,
         noise=noise, drop_upcycling=drop_upcycling, moe_layers=moe_layers,
         expert_sources=expert_sources.split(",") if expert_sources else [], dtype=dtype,
         max_shard_size=max_shard_size, seed=seed, device=device, overwrite=overwrite, allow_pickle=allow_pickle or None))

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from moekit.commands.common import JsonOpt, err, handle_errors, out, print_json
-from moekit.errors import EXIT_CHECK_FAILED, MoekitError
+from moekit.errors import EXIT_CHECK_FAILED, MoekitError, UsageError
 
 ModelArg = Annotated[str, typer.Argument(show_default=False, help="Model folder, .gguf file, or a built-in name (smollm2-135m).")]
 
@@ -29,6 +29,7 @@ def verify_command(
     seed: Annotated[int, typer.Option(help="Seed of the random token ids.")] = 0,
     prompt: Annotated[str | None, typer.Option(help="Also generate greedily from this prompt with both models and compare the text.", show_default=False)] = None,
     new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate with --prompt.")] = 24,
+    runtime: Annotated[str, typer.Option(help="transformers, or llama.cpp: both models converted by llama.cpp's own converter (f32 GGUF; a .gguf is used as it is) and run by llama.cpp (pip install 'moekit[llamacpp]').")] = "transformers",
     json_output: JsonOpt = False,
 ) -> None:
     """Check that CHILD computes what PARENT computes: run both on the same tokens, compare logits.
@@ -46,6 +47,7 @@ def verify_command(
         moekit verify smollm2-135m ./smollm2-moe
         moekit verify ./moe ./moe-fine --data notes.txt --tokens 2048 --device cuda
         moekit verify ./base ./grown --tolerance 1e-3 --json | jq .top1_agreement
+        moekit verify ./smollm2 ./smollm2-8x2 --runtime llama.cpp --tolerance 1e-4 --tokens 512
     """
     from moekit.checkpoint.dtypes import config_name, parse_dtype
     from moekit.checkpoint.sources import resolve_source
@@ -57,6 +59,12 @@ def verify_command(
     resolve_source(parent), resolve_source(child)
     if data is not None and not data.is_file():
         raise MoekitError(f"{data}: no such file")
+    if runtime not in ("transformers", "llama.cpp"):
+        raise UsageError(f"unknown --runtime {runtime!r} (known: transformers, llama.cpp)")
+    if runtime == "llama.cpp":
+        if prompt is not None or dtype != "float32":
+            raise UsageError("--runtime llama.cpp compares f32 GGUF logits: --prompt and --dtype are transformers only")
+        return verify_in_llamacpp(parent, child, data, tokens, seq_len, seed, tolerance, json_output)
     start = time.perf_counter()
     parent_model, warnings = load_model(parent, torch_dtype, where)
     child_model, child_warnings = load_model(child, torch_dtype, where)
@@ -72,19 +80,78 @@ def verify_command(
         result.update(prompt=prompt, parent_generation=texts[0], child_generation=texts[1],
                       same_generation=texts[0] == texts[1])
     # NaN/inf errors compare False, so broken logits fail; with --prompt the text must match too
-    passed = result["max_rel_error"] <= tolerance and result.get("same_generation", True)
     report = {"parent": parent, "child": child,
               "parent_type": parent_model.config.model_type, "child_type": child_model.config.model_type,
               "inputs": str(data) if data else f"random ids (seed {seed})", "device": str(where), "dtype": config_name(torch_dtype),
-              **result, "load_seconds": load_seconds, "tolerance": tolerance, "passed": passed, "warnings": warnings}
+              **result, "load_seconds": load_seconds, "tolerance": tolerance, "warnings": warnings}
+    finish(report, json_output)
+
+
+def verify_in_llamacpp(parent: str, child: str, data: Path | None, tokens: int, seq_len: int, seed: int,
+                       tolerance: float, json_output: bool) -> None:
+    """Both models converted by llama.cpp's own converter (one process) and run by llama.cpp."""
+    import tempfile
+
+    from moekit import llamacpp
+    from moekit.checkpoint.sources import resolve_source
+    from moekit.hf import load_tokenizer
+    from moekit.verify import compare_models, llamacpp_runner, make_inputs
+
+    llamacpp.load_bindings()  # a missing extra fails now, with the install hint
+    start = time.perf_counter()
+    paths = {name: resolve_source(p) for name, p in (("parent", parent), ("child", child))}
+    with tempfile.TemporaryDirectory(prefix="moekit-verify-") as tmp:
+        ggufs = {n: p if p.suffix == ".gguf" else Path(tmp) / f"{n}.gguf" for n, p in paths.items()}
+        todo = [(paths[n], g) for n, g in ggufs.items() if g != paths[n]]
+        with err.status("converting with llama.cpp's converter", spinner="dots") if todo and not json_output else nullcontext():
+            converted = llamacpp.convert_many(todo) if todo else []
+        for (src, _), r in zip(todo, converted):
+            if not r["ok"]:
+                raise MoekitError(f"{src}: llama.cpp's converter refuses it: {r['error'][:300]}")
+        vocab = min(_gguf_vocab(g) for g in ggufs.values())
+        batches = make_inputs(vocab, tokens, 1, seq_len, seed, data, load_tokenizer(parent) if data else None)
+        load_seconds = time.perf_counter() - start
+        with err.status(f"comparing on {sum(b.numel() for b in batches):,} tokens", spinner="dots") if not json_output else nullcontext():
+            result = compare_models(llamacpp_runner(ggufs["parent"]), llamacpp_runner(ggufs["child"]), batches)
+    commit = llamacpp.vendored_commit()
+    report = {"parent": parent, "child": child, "parent_type": _gguf_arch(ggufs["parent"], paths["parent"]),
+              "child_type": _gguf_arch(ggufs["child"], paths["child"]),
+              "inputs": str(data) if data else f"random ids (seed {seed})",
+              "device": "llama.cpp" + (f" {commit[:12]}" if commit else ""), "dtype": "float32 (GGUF f32, f32 KV cache)",
+              **result, "load_seconds": load_seconds, "tolerance": tolerance, "warnings": []}
+    finish(report, json_output)
+
+
+def _gguf_vocab(path: Path) -> int:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return len(reader.fields["tokenizer.ggml.tokens"].data)
+
+
+def _gguf_arch(gguf: Path, source: Path) -> str:
+    cfg = source / "config.json"
+    if cfg.is_file():
+        import json
+
+        return json.loads(cfg.read_text()).get("model_type", "unknown")
+    return gguf.stem
+
+
+def finish(report: dict, json_output: bool) -> None:
+    """Print the report and the verdict; exit 1 beyond the tolerance (or on a different generation)."""
+    tolerance, warnings = report["tolerance"], report["warnings"]
+    # NaN/inf errors compare False, so broken logits fail; with --prompt the text must match too
+    passed = report["max_rel_error"] <= tolerance and report.get("same_generation", True)
+    report["passed"] = passed
     for w in warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     if json_output:  # JSON has no NaN/inf: those (broken logits) print as null
         print_json({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in report.items()})
     else:
         out.print(report_table(report))
-    verdict = (f"{result['max_rel_error']:.3g} {'≤' if passed else '>'} tolerance {tolerance:.3g} "
-               f"over {result['tokens']:,} tokens ({result['top1_agreement']:.2%} same top-1)")
+    verdict = (f"{report['max_rel_error']:.3g} {'≤' if passed else '>'} tolerance {tolerance:.3g} "
+               f"over {report['tokens']:,} tokens ({report['top1_agreement']:.2%} same top-1)")
     err.print(f"[bold green]PASS[/] {verdict}" if passed else f"[bold red]FAIL[/] {verdict}", highlight=False)
     if not passed:
         raise typer.Exit(EXIT_CHECK_FAILED)

@@ -6,6 +6,7 @@ new config; it never touches files or the CLI.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,7 +18,8 @@ from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.errors import MoekitError, UsageError
 from moekit.inspect import describe
 from moekit.pipeline import OutputTensor, passthrough
-from moekit.targets import DEFAULT_TARGET, DENSE_FFN, PROJS, TARGETS, WHY_NOT, Target
+from moekit.targets import (DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, PROJS, TARGETS, WHY_NOT,
+                            Target)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class UpcyclePlan:
     layers: list[dict]
     target: Target
     moe_layers: list[int]
+    exact: bool  # computes the parent's function (no noise, and a router the routing is exact with)
+    notes: list[str]  # what the user should know about this output (one line each)
 
 
 def choose_target(parent_type: str, requested: str | None) -> Target:
@@ -91,7 +95,22 @@ def layer_config(target: Target, moe_layers: list[int], n_layers: int) -> dict:
     raise UsageError(f"{target.model_type} can only have {how}; --moe-layers asks for dense layers {dense}")
 
 
-def build_config(parent: dict, target: Target, n: int, k: int, shared: int, d_ff: int, moe_layers: list[int]) -> dict:
+def check_routing(target: Target, routing: str) -> None:
+    if routing == "softmax-topk" and not target.softmax_topk:
+        why = NO_SOFTMAX_TOPK.get(target.model_type, "it cannot turn renormalisation off")
+        raise UsageError(f"--routing softmax-topk needs qwen2_moe, qwen3_moe or flex_olmo: {why}")
+    if routing not in ("renormalised", "softmax-topk"):
+        raise UsageError(f"unknown --routing {routing!r} (known: renormalised, softmax-topk)")
+
+
+def softmax_topk_scale(n: int, k: int) -> float:
+    """With a zero router, softmax over N experts gives each of the K picked ones weight 1/N, K/N
+    in all; each expert's down_proj × N/K makes the sum of K identical experts the dense FFN."""
+    return n / k
+
+
+def build_config(parent: dict, target: Target, n: int, k: int, shared: int, d_ff: int, moe_layers: list[int],
+                 routing: str = "renormalised") -> dict:
     """Edit the parent's own config dict (BRIEF §4: never re-serialise through transformers 5.x)."""
     cfg = dict(parent)
     n_layers = parent["num_hidden_layers"]
@@ -103,12 +122,17 @@ def build_config(parent: dict, target: Target, n: int, k: int, shared: int, d_ff
     if target.shared_field:
         cfg[target.shared_field] = shared if target.shared_is_count else d_ff * shared
     cfg.update(target.config)
+    if routing == "softmax-topk":
+        cfg["norm_topk_prob"] = False
     cfg.update(layer_config(target, moe_layers, n_layers))
     if "partial_rotary_factor" in target.config and isinstance(cfg.get("rope_parameters"), dict):
         cfg["rope_parameters"] = {**cfg["rope_parameters"], "partial_rotary_factor": target.config["partial_rotary_factor"]}
     if target.model_type == "mixtral":
         cfg["sliding_window"] = parent.get("sliding_window")  # Mixtral's class default differs
+    if target.untie and parent.get("tie_word_embeddings"):
+        cfg["tie_word_embeddings"] = False  # lm_head.weight is written out (see plan_upcycle)
     if target.model_type == "glm4_moe":
+        cfg["head_dim"] = parent.get("head_dim") or parent["hidden_size"] // parent["num_attention_heads"]  # vLLM reads it
         cfg["use_qk_norm"] = parent["model_type"] == "qwen3"
         cfg["attention_bias"] = parent["model_type"] == "qwen2" or parent.get("attention_bias", False)
     return cfg
@@ -148,12 +172,13 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
                  moe_layers_spec: str = "all", router_init: str = "random",
                  data_rows: Callable[[list[int]], dict[int, torch.Tensor]] | None = None,
                  noise: float = 0.0, drop: float = 0.0, expert_sources: list[Checkpoint] = (),
-                 dtype: torch.dtype | None = None, seed: int = 0) -> UpcyclePlan:
+                 dtype: torch.dtype | None = None, seed: int = 0, routing: str = "renormalised") -> UpcyclePlan:
     parent = ckpt.config
     report = describe(ckpt)
     if report["kind"] == "moe":
         raise MoekitError(f"{ckpt.path} is already an MoE model; use split-granularity or add-experts")
     target = choose_target(parent.get("model_type", "unknown"), target_name)
+    check_routing(target, routing)
     for key, value in target.parent_requires.items():
         if parent.get(key, value) != value:
             raise UsageError(f"{target.model_type} cannot represent {key}={parent[key]} of the parent")
@@ -172,13 +197,23 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
     moe_layers = parse_layers(moe_layers_spec, n_layers)
     d_ff = ckpt.meta(DENSE_FFN.format(i=0, proj="up")).shape[0]
     hidden = parent["hidden_size"]
-    config = build_config(parent, target, n, k, shared, d_ff, moe_layers)
+    config = build_config(parent, target, n, k, shared, d_ff, moe_layers, routing)
     for src in expert_sources:
         _check_same_ffn(ckpt, src, moe_layers)
     # Data-driven rows need forward passes: only once every option is known to be valid.
     rows_by_layer = data_rows(moe_layers) if data_rows else {}
 
     out_dtype = dtype or next(iter(ckpt.tensors.values())).dtype
+    down_scale = softmax_topk_scale(n, k) if routing == "softmax-topk" else 1.0
+    exact, notes = not (noise or drop), []
+    if routing == "softmax-topk":
+        if router_init != "zero":
+            exact = False
+            notes.append(f"--routing softmax-topk with --router-init {router_init} is not exact at init: only a zero "
+                         "router gives every picked expert the weight 1/N that the N/K factor undoes")
+        if down_scale != 2 ** round(math.log2(down_scale)) and out_dtype != torch.float32:
+            notes.append(f"down_proj × N/K = {down_scale:g} is not a power of two: {str(out_dtype)[6:]} rounds the "
+                         "scaled weights, so the output is close to, not bit-exact with, its parent; use float32 to stay exact")
     # One layer's gate/up/down are read once for its N copies.
     load = lru_cache(maxsize=3)(lambda src_idx, name: ([ckpt, *expert_sources][src_idx]).load(name, out_dtype))
 
@@ -189,18 +224,24 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
         w = load(src_idx(e), DENSE_FFN.format(i=i, proj=proj))
         if e is not None and (noise or drop):
             w = perturb(w, proj, noise, drop, gen_seed=(seed * 1_000_003 + i) * 1009 + e).to(out_dtype)
+        if e is not None and proj == "down" and down_scale != 1.0:
+            w = (w.float() * down_scale).to(out_dtype)
         return w
 
     def verbatim(i: int, proj: str, e: int) -> tuple[Checkpoint, str] | None:
         """The source tensor expert e's projection is a byte-for-byte copy of, if it is one."""
         src, name = [ckpt, *expert_sources][src_idx(e)], DENSE_FFN.format(i=i, proj=proj)
-        return None if noise or drop or src.meta(name).dtype != out_dtype else (src, name)
+        scaled = proj == "down" and down_scale != 1.0
+        return None if noise or drop or scaled or src.meta(name).dtype != out_dtype else (src, name)
 
     ffn_names = {DENSE_FFN.format(i=i, proj=p) for i in moe_layers for p in PROJS}
     outputs: list[OutputTensor] = []
     layers: list[dict] = []
     std = parent.get("initializer_range", 0.02)
+    untie = target.untie and bool(parent.get("tie_word_embeddings"))
     for meta in ckpt.tensors.values():
+        if untie and meta.name == LM_HEAD:
+            continue  # a tied parent's stored head (if any) is its embedding: written below from it
         if meta.name not in ffn_names:
             outputs.append(passthrough(ckpt, meta, out_dtype))
             continue
@@ -209,14 +250,20 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
             continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         rows = rows_by_layer[i] if data_rows else router_rows(router_init, n, hidden, gen, std)
-        outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, verbatim, rows)
+        outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, verbatim, rows,
+                              shared_gate_row=torch.randn(1, hidden, generator=gen) * std)
         layers.append({"layer": i, "experts": n, "top_k": k, "shared_experts": shared, "router_init": router_init,
+                       "routing": routing, "down_proj_scale": down_scale,
                        "expert_sources": [str(s.path) for s in expert_sources] or None,
                        "noise": noise, "drop_upcycling": drop})
-    return UpcyclePlan(outputs, config, layers, target, moe_layers)
+    if untie:  # runtimes that never tie (llama.cpp's qwen2moe, vLLM's GLM/FlexOlmo) get the head written out
+        outputs.append(OutputTensor(TensorMeta(LM_HEAD, ckpt.meta(EMBED).shape, out_dtype),
+                                    lambda: ckpt.load(EMBED, out_dtype),
+                                    copy_of=(ckpt, EMBED) if ckpt.meta(EMBED).dtype == out_dtype else None))
+    return UpcyclePlan(outputs, config, layers, target, moe_layers, exact, notes)
 
 
-def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, verbatim, rows) -> list[OutputTensor]:
+def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, verbatim, rows, shared_gate_row) -> list[OutputTensor]:
     def meta(name, *shape, dt=dtype):
         return TensorMeta(name.format(i=i), tuple(shape), dt)
 
@@ -241,8 +288,9 @@ def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, verbatim, rows
             produce = (lambda s=shape: torch.zeros(s, dtype=dtype)) if p == "down" else (
                 lambda p=p: ffn(i, p).repeat(shared, 1))
             block.append(OutputTensor(meta(t.shared.format(i="{i}", proj=t.proj[p]), *shape), produce))
-        if t.shared_gate:
-            block.append(OutputTensor(meta(t.shared_gate, 1, hidden), lambda: torch.zeros(1, hidden, dtype=dtype)))
+        if t.shared_gate:  # not zero: llama.cpp computes this sigmoid as silu(x)/x, NaN at x = 0; the zero
+            # down projection keeps the shared output at zero whatever the gate says
+            block.append(OutputTensor(meta(t.shared_gate, 1, hidden), lambda: shared_gate_row.to(dtype)))
     if shared and t.shared_fused:
         gate_up, down = t.shared_fused
         block.append(OutputTensor(meta(gate_up, 2 * d_ff, hidden), lambda: torch.cat([ffn(i, "gate"), ffn(i, "up")])))
