@@ -401,6 +401,11 @@ def test_two_process_ddp_run_and_resume(grown, text, tmp_path):
     summary = json.loads(r.stdout)
     assert summary["devices"] == "2 x cpu" and summary["tokens"] == 4 * 2 * 2 * 32 * 2
     shutil.rmtree(tmp_path / "ckpt" / "checkpoint-4")
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x's Trainer loads the optimizer state with map_location='cpu:0' in CPU "
+                    "multi-process runs, which torch.load refuses (GPU runs are not affected)")
     r = ddp(tmp_path / "resumed", "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = open_checkpoint(tmp_path / "whole"), open_checkpoint(tmp_path / "resumed")
