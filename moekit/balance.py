@@ -37,6 +37,26 @@ def check_balanceable(config: dict) -> None:
 
 
 @torch.no_grad()
+def bias_step(bias: torch.Tensor, load: torch.Tensor, size: torch.Tensor, last: torch.Tensor, rate: float,
+              adaptive: bool) -> None:
+    """One loss-free balancing step, in place: `bias += size · sign(c̄ − c)` for the load `c` of one
+    batch. Fixed (DeepSeek): `size` stays `rate`. Adaptive: each expert's step grows ×1.2 while its
+    direction holds and halves when it flips, never above `rate` (Rprop); `last` keeps the
+    previous direction. `size` and `last` start as `rate` and 0 (`bias_state`)."""
+    direction = torch.sign(load.mean() - load).float()
+    if adaptive:
+        agree = direction * last
+        size.mul_(torch.where(agree > 0, 1.2, torch.where(agree < 0, 0.5, 1.0))).clamp_(max=rate)
+        last.copy_(direction)
+    bias.add_(size * direction)
+
+
+def bias_state(bias: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (size, last direction) a bias starts `bias_step` with."""
+    return torch.full_like(bias, rate), torch.zeros_like(bias)
+
+
+@torch.no_grad()
 def calibrate_bias(model, moe: MoEModel, batches: list[torch.Tensor], steps: int, rate: float, adaptive: bool = True,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
     """Run `steps` batches (cycling through `batches`) and update every layer's bias after each.
@@ -59,20 +79,14 @@ def calibrate_bias(model, moe: MoEModel, batches: list[torch.Tensor], steps: int
         # (transformers 4.57 casts buffers to the model dtype; bf16 would swallow steps of 1e-3).
         bias = getattr(layer.router, BIAS).detach().float().clone()
         setattr(layer.router, BIAS, bias)
-        layers.append((layer, bias, torch.full_like(bias, rate), torch.zeros_like(bias), torch.zeros_like(bias)))
+        layers.append((layer, bias, *bias_state(bias, rate), torch.zeros_like(bias)))
     device = input_device(model)
     averaged_from = steps // 2
     with RouterCounter(moe) as counter:
         for step in range(steps):
             model.model(input_ids=batches[step % len(batches)].to(device), use_cache=False)
             for layer, bias, size, last, total in layers:
-                load = counter.last_counts[layer.index]
-                direction = torch.sign(load.mean() - load).float()
-                if adaptive:
-                    agree = direction * last
-                    size.mul_(torch.where(agree > 0, 1.2, torch.where(agree < 0, 0.5, 1.0))).clamp_(max=rate)
-                    last.copy_(direction)
-                bias.add_(size * direction)
+                bias_step(bias, counter.last_counts[layer.index], size, last, rate, adaptive)
                 if step >= averaged_from:
                     total.add_(bias)
             if progress:

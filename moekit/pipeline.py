@@ -89,10 +89,11 @@ def set_dtype(config: dict, dtype: torch.dtype) -> dict:
 def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *, config: dict,
                 operation: str, options: dict, layers: list[dict], summary: dict, title: str, what: str,
                 extra_sources: list[Checkpoint] = (), extra: dict | None = None, max_shard_size: int, overwrite: bool,
-                progress: Progress | None = None, notes: list[str] = ()) -> WriteResult:
-    """Write `outputs` plus config, side files, moekit.json (with `extra` keys) and README.md;
-    atomic as a whole. `notes` (caveats, one line each) go into moekit.json, the model card and
-    the returned warnings."""
+                progress: Progress | None = None, notes: list[str] = (),
+                files: dict[str, bytes] | None = None) -> WriteResult:
+    """Write `outputs` plus config, side files, moekit.json (with `extra` keys), README.md and any
+    further `files` (name -> content); atomic as a whole. `notes` (caveats, one line each) go into
+    moekit.json, the model card and the returned warnings."""
     start = time.perf_counter()
     all_sources = [source, *extra_sources]
     # Hash the sources for provenance while the output is written (hashlib releases the GIL).
@@ -128,6 +129,8 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
             record["notes"] = list(notes)
         out.write_json("moekit.json", record)
         out.write_text("README.md", model_card(title, what, record))
+        for name, data in (files or {}).items():
+            (out.files_dir / name).write_bytes(data)
         path = out.commit()
     return WriteResult(path, out.total_bytes, time.perf_counter() - start, len(out.shards), side_files, warnings)
 

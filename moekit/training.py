@@ -36,9 +36,11 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from moekit.architectures import MOE_CONFIG, SIGMOID_BIASED, read_field
+from moekit.architectures import MOE_CONFIG, SOFTMAX_RENORM, Routing, read_field
+from moekit.balance import bias_state, bias_step
 from moekit.errors import MoekitError, UsageError
-from moekit.profile import max_vio
+from moekit.profile import aux_loss, dropped_slots, max_vio, router_probs
+from moekit.surgery.grow import select_experts
 
 FROZEN, TRAINABLE = "frozen", "trainable"
 
@@ -262,23 +264,40 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, rows: to
     return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
 
 
-def switch_aux_loss(router_logits: Sequence[torch.Tensor], top_k: int, sigmoid: bool = False) -> torch.Tensor:
+def balance_loss(router_logits: Sequence[torch.Tensor], counts: Sequence[torch.Tensor], routing: Routing) -> torch.Tensor:
     """The Switch/GShard balance loss `N · Σ_i f_i · P_i` of each layer, averaged over layers
     (transformers pools all layers into one: a layer's imbalance then hides behind the others).
-    `f_i` is the share of the top-k slots expert i gets, `P_i` its mean routing probability:
-    softmax of the logits, or for sigmoid routers (DeepSeek-V3, GLM-4.5) the scores normalised
-    to sum to 1 per token. Minimised (= 1) by a uniform load."""
+
+    `f_i` comes from `counts` (the slots expert i got; no gradient): the router's own choices of
+    this micro-batch for the micro-batch loss, or of the whole global batch so far for Qwen's
+    global-batch loss. `P_i` is the mean routing probability over this micro-batch's tokens:
+    softmax of the logits, or for sigmoid routers (DeepSeek-V3, GLM-4.5) the scores normalised to
+    sum to 1 per token (`profile.router_probs`). Minimised (= 1) by a uniform load."""
     losses = []
-    for logits in router_logits:
+    for logits, c in zip(router_logits, counts, strict=True):
         logits = logits.float().reshape(-1, logits.shape[-1])
-        n = logits.shape[-1]
-        probs = logits.sigmoid() if sigmoid else logits.softmax(-1)
-        if sigmoid:
-            probs = probs / probs.sum(-1, keepdim=True)
-        chosen = probs.topk(top_k, dim=-1).indices
-        f = torch.bincount(chosen.flatten(), minlength=n).float() / chosen.numel()
-        losses.append(n * (f * probs.mean(0)).sum())
+        losses.append(aux_loss(c.to(logits.device, torch.float32), router_probs(logits, routing).mean(0)))
     return torch.stack(losses).mean()
+
+
+def switch_aux_loss(router_logits: Sequence[torch.Tensor], top_k: int, routing: Routing = SOFTMAX_RENORM,
+                    biases: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """`balance_loss` of one micro-batch, with `f` from the experts each layer's router selects on
+    these logits: for sigmoid routers on `score + e_score_correction_bias` (`biases`, one per layer),
+    as the router itself selects, not on the scores alone."""
+    counts = []
+    for i, logits in enumerate(router_logits):
+        logits = logits.float().reshape(-1, logits.shape[-1])
+        chosen = select_experts(routing, logits, top_k, biases[i] if biases else None)
+        counts.append(torch.bincount(chosen.flatten(), minlength=logits.shape[-1]))
+    return balance_loss(router_logits, counts, routing)
+
+
+def z_loss(router_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Router z-loss (ST-MoE): `mean over tokens of logsumexp(logits)²`, averaged over layers; keeps
+    router logits small, which bf16 routing needs."""
+    return torch.stack([torch.logsumexp(l.float().reshape(-1, l.shape[-1]), -1).square().mean()
+                        for l in router_logits]).mean()
 
 
 def router_logits(outputs) -> tuple[torch.Tensor, ...]:
@@ -288,6 +307,92 @@ def router_logits(outputs) -> tuple[torch.Tensor, ...]:
         raise UsageError("this model's transformers class returns no router logits (output_router_logits), "
                          "so the Switch aux loss cannot be computed for it")
     return logits
+
+
+# --------------------------------------------------------------------------- fast experts
+
+LOW_PRECISION_SUFFIX = "_autocast"
+
+
+class _CastExperts:
+    """An experts module seen through a cast: its floating parameters read in `dtype`, everything
+    else (config, gate function, flags) as it is. The cast is differentiable, so the fp32
+    parameters get their gradient in fp32, as autocast gives every nn.Linear."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        self._module, self._dtype = module, dtype
+
+    def __getattr__(self, name):
+        value = getattr(self._module, name)
+        if isinstance(value, torch.nn.Parameter) and value.is_floating_point():
+            return value.to(self._dtype)
+        return value
+
+
+def _autocast_experts(forward: Callable) -> Callable:
+    """transformers' experts function `forward`, with the expert weights cast to the autocast dtype
+    while autocast is on. transformers' grouped_mm is not autocast-enabled and casts the input to
+    the weight's dtype: with fp32 master weights every expert matmul would run in fp32."""
+
+    def run(self, hidden_states, *args, **kwargs):
+        device = hidden_states.device.type
+        if torch.is_autocast_enabled(device):
+            self = _CastExperts(self, torch.get_autocast_dtype(device))
+        return forward(self, hidden_states, *args, **kwargs)
+
+    return run
+
+
+def use_experts_implementation(model, implementation: str = "grouped_mm") -> str:
+    """Run the model's fused experts (transformers 5.x) through `implementation` (grouped_mm,
+    batched_mm or eager), with their weights cast to bf16 under autocast; returns what runs, for
+    the log. transformers 4.x has no such choice: one module per expert, looped in Python, whose
+    nn.Linear layers autocast already runs in bf16."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        ALL_EXPERTS_FUNCTIONS = None
+    blocks = moe_blocks(model).values()
+    if not blocks:
+        return "none (a dense model)"
+    fused = not any(isinstance(getattr(b, "experts", None), torch.nn.ModuleList) for b in blocks)
+    if ALL_EXPERTS_FUNCTIONS is None or not fused or getattr(model.config, "_experts_implementation", None) is None:
+        return "eager (one module per expert, transformers 4.x)"
+    if implementation == "eager":
+        _set_experts(model, "eager")
+        return "eager"
+    if implementation not in ALL_EXPERTS_FUNCTIONS:
+        raise UsageError(f"--experts-implementation {implementation!r}: this transformers knows eager, "
+                         + ", ".join(sorted(ALL_EXPERTS_FUNCTIONS)))
+    try:  # transformers checks that it can run here (grouped_mm: a recent torch, SM80+ on CUDA)
+        _set_experts(model, implementation)
+    except (ValueError, ImportError) as e:
+        raise MoekitError(f"--experts-implementation {implementation}: {' '.join(str(e).split())[:200]}") from None
+    name = implementation + LOW_PRECISION_SUFFIX
+    if name not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(name, _autocast_experts(ALL_EXPERTS_FUNCTIONS[implementation]))
+    # then the same function behind the cast, set on every config the experts read theirs from
+    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        if getattr(config, "_experts_implementation", None) == implementation:
+            config._experts_implementation = name
+    return f"{implementation} (expert weights cast to the autocast dtype)"
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant: each layer's forward runs again inside
+    backward, which RoutingCounter recognises and does not count twice."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _set_experts(model, name: str) -> None:
+    setter = getattr(model, "set_experts_implementation", None)
+    if setter is not None:
+        setter(name)
+    else:  # early 5.x: the config property, which reaches the sub-configs
+        model.config._experts_implementation = name
 
 
 # --------------------------------------------------------------------------- routing counts and balance
@@ -317,6 +422,7 @@ class RoutingCounter:
         if not self.blocks:
             raise MoekitError(f"{type(model).__name__}: no MoE blocks (modules with a router and experts)")
         self.counts: dict[str, torch.Tensor] = {}
+        self.enabled = True  # off while evaluating: held-out text is not a training load
         self.handles = []
         for name, block in self.blocks.items():
             experts = getattr(block, "experts", None)
@@ -330,6 +436,9 @@ class RoutingCounter:
                 self.handles.append(block.router.register_forward_hook(partial(self._sizes, name)))
 
     def _add(self, name: str, n: int, device, counts: torch.Tensor) -> None:
+        # A forward run again inside backward is gradient checkpointing's recomputation: counted once.
+        if not self.enabled or torch._C._current_graph_task_id() != -1:
+            return
         if name not in self.counts:
             self.counts[name] = torch.zeros(n, dtype=torch.float64, device=device)
         self.counts[name] += counts.to(self.counts[name].device, torch.float64)
@@ -342,8 +451,13 @@ class RoutingCounter:
 
     def _indices(self, name, n, module, args, kwargs):
         index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-        # 5.x may mark a slot "no expert" with index n (expert parallelism): not a load
-        self._add(name, n, index.device, torch.bincount(index.flatten(), minlength=n + 1)[:n])
+        # 5.x may mark a slot "no expert" with index n (expert parallelism): not a load. A scatter,
+        # not bincount: bincount's output size depends on the data, so on CUDA it waits for the GPU
+        # (a host synchronisation in every MoE layer of every forward).
+        flat = index.flatten()
+        load = torch.zeros(n + 1, dtype=torch.float64, device=index.device).scatter_add_(
+            0, flat.clamp(max=n), torch.ones_like(flat, dtype=torch.float64))
+        self._add(name, n, index.device, load[:n])
 
     def _sizes(self, name, module, args, output):
         sizes = torch.tensor(output[3], dtype=torch.float64)
@@ -353,12 +467,14 @@ class RoutingCounter:
         self.counts.clear()
 
     def totals(self) -> dict[str, torch.Tensor]:
-        """Counts since the last reset, summed over all processes when training is distributed."""
-        out = {k: v.clone() for k, v in self.counts.items()}
+        """Counts since the last reset, summed over all processes when training is distributed
+        (one all-reduce for all layers)."""
+        if not self.counts:
+            return {}
+        stacked = torch.stack(list(self.counts.values()))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for v in out.values():
-                torch.distributed.all_reduce(v)
-        return out
+            torch.distributed.all_reduce(stacked)
+        return dict(zip(self.counts, stacked))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -366,40 +482,53 @@ class RoutingCounter:
 
 
 class RoutingStatsCallback(TrainerCallback):
-    """MaxVio_batch of every optimiser step, averaged over MoE layers: `history` holds one entry per
-    step; `log_metrics()` gives the mean since it was last called (LifelongTrainer logs it)."""
+    """Per optimiser step and MoE layer, from the step's counts over all micro-batches and
+    processes: MaxVio_batch and the share of routed slots a capacity-limited MoE would drop at
+    capacity factor 1.0 (`profile.max_vio`, `profile.dropped_slots`). Kept on the device until
+    a log asks: `log_metrics()` gives the means since it was last called, per layer and overall;
+    `last` the latest step's."""
 
     def __init__(self, counter: RoutingCounter):
         self.counter = counter
-        self.history: list[dict] = []
-        self._since_log: list[float] = []
+        self.last: dict = {}
+        self._since_log: list[torch.Tensor] = []  # [2, layers] per step: MaxVio, drop rate
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.counter.reset()
 
     def on_step_end(self, args, state, control, **kwargs):
-        per_layer = {k: float(max_vio(v)) for k, v in self.counter.totals().items() if v.sum() > 0}
-        if per_layer:
-            mean = sum(per_layer.values()) / len(per_layer)
-            self.history.append({"step": state.global_step, "maxvio_batch": mean, "per_layer": per_layer})
-            self._since_log.append(mean)
+        counts = self.counter.totals()
+        if counts:
+            c = torch.stack(list(counts.values()))  # [layers, N]
+            slots = c.sum(-1)  # K·T
+            capacity = torch.ceil(slots / c.shape[-1] - 1e-9)  # C = ceil(1.0·K·T/N), on the device
+            drop = torch.stack([dropped_slots(layer, cap[None]) for layer, cap in zip(c, capacity)]).squeeze(-1)
+            self._since_log.append(torch.stack([max_vio(c), drop / slots]))
 
     def log_metrics(self) -> dict:
-        values, self._since_log = self._since_log, []
-        return {"maxvio_batch": sum(values) / len(values)} if values else {}
+        if not self._since_log:
+            return {}
+        mean = torch.stack(self._since_log).mean(0).tolist()  # the one copy to the host
+        self._since_log = []
+        self.last = {"maxvio_batch": sum(mean[0]) / len(mean[0]), "drop_rate_cf1": sum(mean[1]) / len(mean[1]),
+                     "maxvio_layers": [round(v, 4) for v in mean[0]], "drop_rate_layers": [round(v, 4) for v in mean[1]]}
+        return self.last
 
 
 class LossFreeBalanceCallback(TrainerCallback):
     """DeepSeek's auxiliary-loss-free balancing (arXiv 2408.15664): after each optimiser step,
-    `b_i += u · sign(c̄ − c_i)` on every router's `e_score_correction_bias`, with `c_i` the tokens
-    expert i received in that step. The bias only shifts which experts are selected, never their
-    weights; it is a buffer (no gradient) and is kept in fp32 here whatever the model's dtype."""
+    `balance.bias_step` on every router's `e_score_correction_bias` with the tokens each expert
+    received in that step (all micro-batches and processes), fixed (`b_i += u · sign(c̄ − c_i)`)
+    or adaptive (Rprop step sizes, as `moekit balance`). The bias only shifts which experts are
+    selected, never their weights; it is a buffer (no gradient), kept in fp32 here whatever the
+    model's dtype. `state_dict` holds what a resumed run needs."""
 
-    def __init__(self, counter: RoutingCounter, rate: float = 1e-3):
-        self.counter, self.rate = counter, rate
+    def __init__(self, counter: RoutingCounter, rate: float = 1e-3, adaptive: bool = False):
+        self.counter, self.rate, self.adaptive = counter, rate, adaptive
         self.biases = {n: router_of(b).e_score_correction_bias for n, b in counter.blocks.items()
                        if isinstance(getattr(router_of(b), "e_score_correction_bias", None), torch.Tensor)}
         self.master = {n: b.detach().float().clone() for n, b in self.biases.items()}
+        self.steps = {n: bias_state(b, rate) for n, b in self.master.items()}
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.counter.reset()
@@ -409,10 +538,64 @@ class LossFreeBalanceCallback(TrainerCallback):
         counts = self.counter.totals()
         for name, bias in self.biases.items():
             if name in counts:
-                c = counts[name].to(bias.device)
                 master = self.master[name] = self.master[name].to(bias.device)
-                master += self.rate * torch.sign(c.mean() - c).float()
+                size, last = self.steps[name] = tuple(t.to(bias.device) for t in self.steps[name])
+                bias_step(master, counts[name].to(bias.device), size, last, self.rate, self.adaptive)
                 bias.copy_(master)
+
+    def state_dict(self) -> dict:
+        return {"master": self.master, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.master, self.steps = state["master"], state["steps"]
+        with torch.no_grad():
+            for name, bias in self.biases.items():
+                bias.copy_(self.master[name])
+
+
+class EvalCallback(TrainerCallback):
+    """Held-out loss before the first step, every `every` steps and after the last: mean next-token
+    cross-entropy over `rows`, each process taking its share. Routing counts are paused meanwhile.
+    `history` holds {step, tokens, eval_loss}; `report` gets each entry as it comes."""
+
+    def __init__(self, rows: list[list[int]], every: int, batch_size: int, tokens_per_step: int,
+                 counter: RoutingCounter | None, report: Callable[[dict], None] | None = None):
+        self.rows, self.every, self.batch_size, self.tokens_per_step = rows, every, batch_size, tokens_per_step
+        self.counter, self.report = counter, report
+        self.history: list[dict] = []
+
+    def evaluate(self, model, step: int) -> None:
+        if self.history and self.history[-1]["step"] == step:
+            return
+        if self.counter:
+            self.counter.enabled = False
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if (
+            torch.distributed.is_available() and torch.distributed.is_initialized()) else (0, 1)
+        total, count = token_loss_sum(model, self.rows[rank::world], self.batch_size)
+        if world > 1:
+            both = torch.tensor([total, count], dtype=torch.float64, device=next(model.parameters()).device)
+            torch.distributed.all_reduce(both)
+            total, count = both.tolist()
+        if self.counter:
+            self.counter.enabled = True
+        entry = {"step": step, "tokens": step * self.tokens_per_step, "eval_loss": total / max(count, 1)}
+        self.history.append(entry)
+        if self.report and rank == 0:
+            self.report(entry)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not self.history:  # a resumed run has its history from the checkpoint
+            self.evaluate(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.evaluate(model, state.global_step)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = state["history"]
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -431,38 +614,60 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "m
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction=reduction)
 
 
+CHECKPOINT_STATE = "moekit_state.pt"  # callbacks' state (loss-free bias, eval history) in a checkpoint
+
+
 class LifelongTrainer(Trainer):
-    """A `Trainer` whose loss is `LM + kd_weight · KL(teacher ‖ model) + aux_loss_coef · Switch`.
+    """A `Trainer` whose loss is `LM + kd_weight · KL(teacher ‖ model) + aux_loss_coef · Switch +
+    z_loss_coef · z-loss`.
 
     With replay rows (`kd_on_replay`) and a KD weight, KD runs on the replay rows and LM on the
     new ones (Lifelong-MoE's regulariser on old-domain text); without replay, KD runs on the
     same rows as LM; without a KD weight, replay rows are LM-trained like the rest (plain
     replay). The teacher (the model before training) runs without gradients. Batches
-    come from `collate`. Each term is a per-batch mean, logged as lm_loss / kd_loss / aux_loss,
-    with any callback's `log_metrics()` (MaxVio_batch) beside them.
+    come from `collate`. Each term is a per-batch mean, logged as lm_loss / kd_loss / aux_loss /
+    z_loss, with any callback's `log_metrics()` (MaxVio, drop rate) beside them; terms stay on
+    the device until a log (no host synchronisation per step).
+
+    The Switch loss takes `f` from the experts the router actually chose (`counter`): with
+    `balance="micro"` this micro-batch's, with `balance="global"` (Qwen, "Demons in the Detail")
+    the whole step's so far — every micro-batch of the step up to this one, summed over all
+    data-parallel processes — so the step's last micro-batch sees the global batch's `f`.
     """
 
     def __init__(self, *args, teacher=None, kd_weight: float = 0.0, kd_on_replay: bool = False,
-                 aux_loss_coef: float = 0.0, top_k: int = 1, sigmoid_router: bool = False, **kwargs):
+                 aux_loss_coef: float = 0.0, balance: str = "global", z_loss_coef: float = 0.0,
+                 routing: Routing = SOFTMAX_RENORM, counter: RoutingCounter | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher, self.kd_weight, self.kd_on_replay = teacher, kd_weight, kd_on_replay
-        self.aux_loss_coef, self.top_k, self.sigmoid_router = aux_loss_coef, top_k, sigmoid_router
+        self.aux_loss_coef, self.balance, self.z_loss_coef = aux_loss_coef, balance, z_loss_coef
+        self.routing, self.counter = routing, counter
         # Our loss is a per-batch mean, not normalised by the token count of the whole accumulated
         # batch: tell Trainer, which then divides by the gradient-accumulation steps itself.
         self.model_accepts_loss_kwargs = False
-        self._terms: dict[str, list[float]] = defaultdict(list)
+        self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def _balance_counts(self, before: dict[str, torch.Tensor] | None, layers: int) -> list[torch.Tensor]:
+        if self.balance == "global":
+            counts = list(self.counter.totals().values())
+        else:
+            counts = [c - before[k] if k in before else c for k, c in self.counter.counts.items()]
+        if len(counts) != layers:
+            raise MoekitError(f"{layers} layers returned router logits, {len(counts)} MoE blocks were counted")
+        return counts
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]
-        kw = {"output_router_logits": True} if self.aux_loss_coef else {}
-        out = model(input_ids=ids, use_cache=False, **kw)
+        routed = bool(self.aux_loss_coef or self.z_loss_coef)
+        before = {k: v.clone() for k, v in self.counter.counts.items()} if (
+            self.aux_loss_coef and self.balance == "micro") else None
+        out = model(input_ids=ids, use_cache=False, **({"output_router_logits": True} if routed else {}))
         replay = inputs["replay"]
         # Replay rows that are distilled from the old model are not also LM-trained: the teacher's
         # distribution is the better target for the old domain, and LM on them would teach the
         # old domain rather than preserve it.
         distil_replay = bool(self.kd_weight) and self.kd_on_replay
-        lm_rows = ~replay if distil_replay else torch.ones_like(replay)
-        lm = next_token_loss(out.logits[lm_rows], ids[lm_rows])
+        lm = next_token_loss(out.logits[~replay], ids[~replay]) if distil_replay else next_token_loss(out.logits, ids)
         loss, terms = lm, {"lm_loss": lm}
         if self.kd_weight:
             rows = replay if distil_replay else torch.ones_like(replay)
@@ -473,21 +678,56 @@ class LifelongTrainer(Trainer):
             else:  # a batch without replay rows: nothing to distil on
                 terms["kd_loss"] = out.logits.sum() * 0.0
             loss = loss + self.kd_weight * terms["kd_loss"]
-        if self.aux_loss_coef:
-            terms["aux_loss"] = switch_aux_loss(router_logits(out), self.top_k, self.sigmoid_router)
-            loss = loss + self.aux_loss_coef * terms["aux_loss"]
+        if routed:
+            logits = router_logits(out)
+            if self.aux_loss_coef:
+                counts = self._balance_counts(before, len(logits))
+                terms["aux_loss"] = balance_loss(logits, counts, self.routing)
+                loss = loss + self.aux_loss_coef * terms["aux_loss"]
+            if self.z_loss_coef:
+                terms["z_loss"] = z_loss(logits)
+                loss = loss + self.z_loss_coef * terms["z_loss"]
         for k, v in terms.items():
-            self._terms[k].append(float(v.detach()))
+            self._terms[k].append(v.detach())
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:  # a training log (not the final summary): add the terms and routing stats
-            logs.update({k: sum(v) / len(v) for k, v in self._terms.items() if v})
+            logs.update({k: float(torch.stack(v).float().mean()) for k, v in self._terms.items() if v})
             self._terms.clear()
             for cb in self.callback_handler.callbacks:
                 if hasattr(cb, "log_metrics"):
                     logs.update(cb.log_metrics())
         super().log(logs, *args, **kwargs)
+
+    # Checkpoints hold the runtime state dict as it is. Trainer's own goes through save_pretrained,
+    # which writes on-disk names (5.x un-fuses the experts), and its resume loads that back with a
+    # non-strict load_state_dict, which skips every renamed tensor: an MoE would resume with its
+    # experts as they were at the start (transformers issue 48805). Loaded strictly here.
+
+    def _stateful(self) -> dict:
+        return {type(cb).__name__: cb for cb in self.callback_handler.callbacks if hasattr(cb, "state_dict")}
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        from safetensors.torch import save_model
+
+        if not self.args.should_save:
+            return
+        folder = Path(output_dir or self.args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self.accelerator.unwrap_model(self.model), str(folder / "model.safetensors"))
+        torch.save({name: cb.state_dict() for name, cb in self._stateful().items()}, folder / CHECKPOINT_STATE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from safetensors.torch import load_model
+
+        folder = Path(resume_from_checkpoint)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        load_model(target, str(folder / "model.safetensors"), strict=True, device=str(next(target.parameters()).device))
+        states = torch.load(folder / CHECKPOINT_STATE, weights_only=True)
+        for name, cb in self._stateful().items():
+            if name in states:
+                cb.load_state_dict(states[name])
 
 
 class _LogTo(TrainerCallback):
@@ -547,88 +787,179 @@ def mix_rows(new: list[list[int]], replay: list[list[int]] | None, replay_ratio:
 
 
 @torch.no_grad()
-def mean_token_loss(model, rows: list[list[int]], batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy of `model` over token rows (no dropout, no gradients)."""
+def token_loss_sum(model, rows: list[list[int]], batch_size: int = 8) -> tuple[float, int]:
+    """(summed next-token cross-entropy, tokens predicted) of `model` over token rows (no dropout,
+    no gradients; one copy to the host at the end)."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for s in range(0, len(rows), batch_size):
         ids = torch.tensor(rows[s : s + batch_size], device=device)
         logits = model(input_ids=ids, use_cache=False).logits
-        total += float(next_token_loss(logits, ids, reduction="sum"))
+        total += next_token_loss(logits, ids, reduction="sum")
         count += ids[:, 1:].numel()
     model.train(was_training)
+    return float(total), count
+
+
+def mean_token_loss(model, rows: list[list[int]], batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy of `model` over token rows."""
+    total, count = token_loss_sum(model, rows, batch_size)
     return total / count
 
 
 # --------------------------------------------------------------------------- the whole run
 
 
+SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_lr", "wsd": "warmup_stable_decay"}
+BALANCE_MODES = ("global", "micro")
+
+
 @dataclass
 class TrainOptions:
     steps: int = 100
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant | cosine | wsd (warm-up, stable, decay), all after warmup_steps
+    min_lr_ratio: float = 0.1  # the floor of cosine and wsd, as a share of lr
+    decay_share: float = 0.2  # wsd: the share of the steps that decays
     batch_size: int = 8
     grad_accum: int = 1
     seq_len: int = 512
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0: no clipping
     kd_weight: float = 0.0
     aux_loss_coef: float = 0.0
+    balance: str = "global"  # global (Qwen) | micro: where the Switch loss's f comes from
+    z_loss_coef: float = 0.0
     bias_update_rate: float = 1e-3
+    bias_update: str = "fixed"  # fixed (DeepSeek) | adaptive (Rprop steps, as `moekit balance`)
     replay_ratio: float = 0.25
+    eval_share: float = 0.0  # rows of the training text held out for evaluation (without eval rows given)
+    eval_every: int = 50
+    save_every: int = 0  # checkpoint every N steps (0: none)
+    gradient_checkpointing: bool = False
+    experts_implementation: str = "grouped_mm"  # transformers 5.x: grouped_mm | batched_mm | eager
     seed: int = 0
     log_every: int = 10
     device: str = "auto"  # auto: what accelerate picks (every GPU under `accelerate launch`); cpu
 
 
+def hold_out(rows: list[list[int]], share: float, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """(training rows, held-out rows): `share` of the rows, at least one, drawn by `seed`."""
+    k = max(1, round(len(rows) * share))
+    if k >= len(rows):
+        raise MoekitError(f"--eval-share {share} of {len(rows)} row(s) leaves nothing to train on")
+    held = set(random.Random(seed).sample(range(len(rows)), k))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def checkpoint_folder(output: str | Path, given: str | Path | None = None) -> Path:
+    """Where checkpoints go: `given`, or OUTPUT.checkpoints beside OUTPUT."""
+    out = Path(output).expanduser()
+    return Path(given).expanduser() if given else out.with_name(out.name + ".checkpoints")
+
+
+def last_checkpoint(folder: Path) -> str:
+    """The newest checkpoint-N folder in `folder`, for --resume."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if last is None:
+        raise MoekitError(f"--resume: no checkpoint in {folder} (written with --save-every)")
+    return last
+
+
+def _training_args(opts: TrainOptions, folder: str, cuda: bool) -> TrainingArguments:
+    schedule_kwargs = {"cosine": {"min_lr_rate": opts.min_lr_ratio},
+                       "wsd": {"num_decay_steps": max(1, round(opts.steps * opts.decay_share)),
+                               "min_lr_ratio": opts.min_lr_ratio}}.get(opts.lr_schedule, {})
+    return TrainingArguments(
+        output_dir=folder, max_steps=opts.steps, learning_rate=opts.lr, weight_decay=opts.weight_decay,
+        per_device_train_batch_size=opts.batch_size, gradient_accumulation_steps=opts.grad_accum,
+        warmup_steps=opts.warmup_steps, lr_scheduler_type=SCHEDULES[opts.lr_schedule],
+        lr_scheduler_kwargs=schedule_kwargs, max_grad_norm=opts.max_grad_norm or None,
+        logging_steps=opts.log_every, report_to="none", remove_unused_columns=False,
+        save_strategy="steps" if opts.save_every else "no", save_steps=opts.save_every or 500, save_total_limit=2,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, seed=opts.seed, data_seed=opts.seed,
+        disable_tqdm=True, dataloader_drop_last=True)
+
+
+def check_options(opts: TrainOptions) -> None:
+    """Options that cannot work together, before anything is loaded."""
+    if opts.lr_schedule not in SCHEDULES:
+        raise UsageError(f"--lr-schedule {opts.lr_schedule!r}: use {', '.join(SCHEDULES)}")
+    if opts.balance not in BALANCE_MODES:
+        raise UsageError(f"--balance {opts.balance!r}: use {' or '.join(BALANCE_MODES)}")
+    if opts.bias_update not in ("fixed", "adaptive"):
+        raise UsageError(f"--bias-update {opts.bias_update!r}: use fixed or adaptive")
+    if opts.warmup_steps >= opts.steps and opts.lr_schedule != "constant":
+        raise UsageError(f"--warmup-steps {opts.warmup_steps} leaves none of the {opts.steps} steps to the {opts.lr_schedule} schedule")
+
+
 def train_model(source: str | Path, output: str | Path, new: list[list[int]], replay: list[list[int]] | None,
-                manifest: dict | None, opts: TrainOptions, *, overwrite: bool = False,
-                on_log: Callable[[dict], None] | None = None, record: dict | None = None) -> dict:
+                manifest: dict | None, opts: TrainOptions, *, eval_rows: list[list[int]] | None = None,
+                checkpoints: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+                on_log: Callable[[dict], None] | None = None, record: dict | None = None,
+                callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train the model folder `source` on token rows and write it to `output`.
 
-    Weights train in fp32 (bf16 autocast on GPUs that have it) and are written back in the
+    Weights train in fp32 under bf16 autocast on GPUs that have it, fused experts included (their
+    weights are cast for the forward, `use_experts_implementation`), and are written back in the
     source's own tensor names, shapes and dtypes (per-expert Hub format, loadable by transformers
-    4.57 and 5.x), with the source's config.json and side files unchanged. Returns a summary.
+    4.57 and 5.x), with the source's config.json and side files unchanged, plus the loss curve
+    (training_curve.json / .png). With `save_every`, checkpoints go to `checkpoints`
+    (OUTPUT.checkpoints by default) and `resume` continues from the last one. `callbacks` are
+    added to the Trainer's (a benchmark's timer). Returns a summary.
     """
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.utils import logging as hf_logging
 
     from moekit.hf import load_model
 
     start = time.perf_counter()
+    check_options(opts)
     ckpt = check_run(source, output, manifest, overwrite)
+    if eval_rows is None and opts.eval_share:
+        new, eval_rows = hold_out(new, opts.eval_share, opts.seed)
     examples = mix_rows(new, replay, opts.replay_ratio, opts.seed)
     if len(examples) < opts.batch_size:
         raise MoekitError(f"only {len(examples)} row(s) of {opts.seq_len} tokens of data, fewer than --batch-size {opts.batch_size}")
+    folder = checkpoint_folder(output, checkpoints) if (opts.save_every or resume) else None
+    last = last_checkpoint(folder) if resume else None
     hf_logging.set_verbosity_error()
 
-    work = tempfile.TemporaryDirectory(prefix="moekit-train-")  # Trainer wants a folder; it saves nothing there
+    work = tempfile.TemporaryDirectory(prefix="moekit-train-")  # Trainer wants a folder: checkpoints or nothing
     cuda = opts.device != "cpu" and torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=work.name, max_steps=opts.steps, learning_rate=opts.lr, weight_decay=opts.weight_decay,
-        per_device_train_batch_size=opts.batch_size, gradient_accumulation_steps=opts.grad_accum,
-        warmup_steps=opts.warmup_steps, lr_scheduler_type="constant_with_warmup" if opts.warmup_steps else "constant",
-        logging_steps=opts.log_every, save_strategy="no", report_to="none", remove_unused_columns=False,
-        bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, seed=opts.seed, data_seed=opts.seed,
-        disable_tqdm=True, dataloader_drop_last=True)
-
+    args = _training_args(opts, str(folder or work.name), cuda)
     model, warnings = load_model(ckpt.path, torch.float32, args.device)
     if warnings:
         raise MoekitError(warnings[0])
+    experts = use_experts_implementation(model, opts.experts_implementation)
+    if opts.gradient_checkpointing:
+        enable_checkpointing(model)
     freeze = apply_freeze(model, manifest)
     teacher = None
     if opts.kd_weight:
         teacher, _ = load_model(ckpt.path, _weights_dtype(ckpt), args.device)
         teacher.requires_grad_(False)
-    if opts.aux_loss_coef:  # a model without router logits fails now, not at the first step
+    if opts.aux_loss_coef or opts.z_loss_coef:  # a model without router logits fails now, not at the first step
         with torch.no_grad():
             router_logits(model(input_ids=torch.tensor([new[0][:2]], device=args.device), output_router_logits=True))
-    counter = RoutingCounter(model)
-    stats = RoutingStatsCallback(counter)
-    callbacks = [FreezeCallback(freeze.frozen), stats]
-    balance = LossFreeBalanceCallback(counter, opts.bias_update_rate) if opts.bias_update_rate else None
+    counter = RoutingCounter(model) if moe_blocks(model) else None  # a dense model trains too (a baseline)
+    callbacks = [FreezeCallback(freeze.frozen), *callbacks]
+    stats = RoutingStatsCallback(counter) if counter else None
+    if stats:
+        callbacks.append(stats)
+    balance = LossFreeBalanceCallback(counter, opts.bias_update_rate, opts.bias_update == "adaptive") if (
+        counter and opts.bias_update_rate) else None
     if balance and balance.biases:
         callbacks.append(balance)
+    tokens_per_step = opts.batch_size * opts.grad_accum * opts.seq_len * args.world_size
+    evaluation = EvalCallback(eval_rows, opts.eval_every, opts.batch_size, tokens_per_step, counter, on_log) if eval_rows else None
+    if evaluation:
+        callbacks.append(evaluation)
     if on_log:
         callbacks.append(_LogTo(on_log))
 
@@ -637,29 +968,68 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     trainer = LifelongTrainer(
         model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=callbacks,
         teacher=teacher, kd_weight=opts.kd_weight, kd_on_replay=bool(replay), aux_loss_coef=opts.aux_loss_coef,
-        top_k=getattr(config, "num_experts_per_tok", 1), sigmoid_router=bool(fields and fields.routing is SIGMOID_BIASED))
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
+        balance=opts.balance, z_loss_coef=opts.z_loss_coef, routing=fields.routing if fields else SOFTMAX_RENORM,
+        counter=counter)
     for cb in (PrinterCallback, ProgressCallback):  # reporting is the caller's (on_log)
         trainer.remove_callback(cb)
-    result = trainer.train()
-    counter.remove()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(args.device)
+    result = trainer.train(resume_from_checkpoint=last)
+    if counter:
+        counter.remove()
     logs = [h for h in trainer.state.log_history if "loss" in h]
+    evals = evaluation.history if evaluation else []
     summary = {
-        "steps": trainer.state.global_step, "tokens": trainer.state.global_step * opts.batch_size * opts.grad_accum
-        * opts.seq_len * args.world_size, "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
+        "steps": trainer.state.global_step, "tokens": trainer.state.global_step * tokens_per_step,
+        "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "trainable params": freeze.trainable_params, "frozen params": freeze.frozen_params,
         "gradient-masked tensors": len(freeze.masked_tensors), "first loss": logs[0]["loss"] if logs else None,
         "last loss": logs[-1]["loss"] if logs else None,
-        "maxvio_batch last": stats.history[-1]["maxvio_batch"] if stats.history else None,
-        "devices": f"{args.world_size} x {args.device.type}"}
+        "first eval loss": evals[0]["eval_loss"] if evals else None, "last eval loss": evals[-1]["eval_loss"] if evals else None,
+        "maxvio_batch last": stats.last.get("maxvio_batch") if stats else None,
+        "experts": experts, "lr schedule": opts.lr_schedule, "balance": opts.balance if opts.aux_loss_coef else None,
+        "gradient checkpointing": opts.gradient_checkpointing,
+        "peak memory GiB": round(torch.cuda.max_memory_allocated(args.device) / 2**30, 2) if cuda else None,
+        "resumed from": last, "devices": f"{args.world_size} x {args.device.type}"}
     if trainer.is_world_process_zero():
+        curve = {"train": logs, "eval": evals}
         written = save_trained(model, ckpt, output, overwrite=overwrite, opts=opts, manifest=manifest,
-                               summary=summary, log_history=trainer.state.log_history, record=record or {})
+                               summary=summary, log_history=trainer.state.log_history, record=record or {},
+                               files={"training_curve.json": json.dumps(curve, indent=1).encode(),
+                                      "training_curve.png": plot_curve(curve, title=Path(output).name)})
         summary.update(output=str(written), seconds=round(time.perf_counter() - start, 1))
     trainer.accelerator.wait_for_everyone()
     work.cleanup()
     return summary
+
+
+def plot_curve(curve: dict, title: str = "") -> bytes:
+    """The training loss (per log) and the held-out loss (per evaluation) against tokens, as a PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    train, evals = curve.get("train", []), curve.get("eval", [])
+    if train:
+        per_step = evals[-1]["tokens"] / max(evals[-1]["step"], 1) if evals and evals[-1]["step"] else None
+        xs = [h["step"] * per_step for h in train] if per_step else [h["step"] for h in train]
+        ax.plot(xs, [h["loss"] for h in train], lw=1, alpha=0.6, label="training loss")
+    if evals:
+        ax.plot([e["tokens"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="held-out loss")
+    ax.set_xlabel("tokens" if evals else "step")
+    ax.set_ylabel("next-token cross-entropy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def _weights_dtype(ckpt) -> torch.dtype:
@@ -672,7 +1042,7 @@ def _weights_dtype(ckpt) -> torch.dtype:
 
 
 def save_trained(model, ckpt, output: Path, *, overwrite: bool, opts: TrainOptions, manifest: dict | None,
-                 summary: dict, log_history: list[dict], record: dict) -> Path:
+                 summary: dict, log_history: list[dict], record: dict, files: dict[str, bytes] | None = None) -> Path:
     """Write `model` under the source checkpoint's own tensor names, shapes and dtypes (mapped back
     from the runtime layout by transformers' own reverse conversion), with its config.json (same
     content: training changes no config) and side files, plus moekit.json and a model card."""
@@ -700,5 +1070,5 @@ def save_trained(model, ckpt, output: Path, *, overwrite: bool, opts: TrainOptio
         what=(f"`{ckpt.path.name}` trained for {summary['steps']} steps "
               + ("with its freeze manifest applied (old experts, old router rows and the rest frozen)." if manifest
                  else "with every parameter trainable.")),
-        max_shard_size=5 * 1000**3, overwrite=overwrite)
+        max_shard_size=5 * 1000**3, overwrite=overwrite, files=files)
     return result.path

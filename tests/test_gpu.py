@@ -40,3 +40,48 @@ def test_add_experts_kmeans_on_cuda(tiny_models, tmp_path, calib):
     run_moekit("add-experts", str(src), str(tmp_path / "g"), "-m", "2", "--router-init", "kmeans",
                "--calibration", str(calib), "--calibration-tokens", "500", "--device", "cuda", "--drift-tokens", "256",
                check=True)
+
+
+def test_fused_experts_run_in_bf16_under_autocast(tiny_models, monkeypatch):
+    """fp32 master weights, bf16 autocast: the grouped matmuls of the experts must get bf16 weights
+    (transformers' grouped_mm is not autocast-enabled and would run them in fp32), and fp32 ones
+    without autocast; the gradient reaches the fp32 parameters."""
+    from moekit.hf import load_model
+    from moekit.training import moe_blocks, use_experts_implementation
+
+    seen = []
+    for owner, name in ((torch.nn.functional, "grouped_mm"), (torch, "_grouped_mm")):
+        original = getattr(owner, name, None)
+        if original is not None:
+            def spy(input, weight, *args, original=original, **kwargs):
+                seen.append((input.dtype, weight.dtype))
+                return original(input, weight, *args, **kwargs)
+            monkeypatch.setattr(owner, name, spy)
+    model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cuda")
+    assert use_experts_implementation(model).startswith("grouped_mm")
+    experts = next(iter(moe_blocks(model).values())).experts
+    x = torch.randn(64, model.config.hidden_size, device="cuda")
+    index = torch.randint(0, 4, (64, 2), device="cuda")
+    weights = torch.rand(64, 2, device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        fast = experts(x, index, weights)
+    assert seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen), seen
+    fast.float().sum().backward()
+    assert experts.gate_up_proj.grad.dtype == torch.float32 and experts.gate_up_proj.grad.abs().sum() > 0
+    seen.clear()
+    slow = experts(x, index, weights)
+    assert seen and all(dtypes == (torch.float32, torch.float32) for dtypes in seen), seen
+    rel = ((fast.float() - slow) .norm() / slow.norm()).item()
+    assert 1e-5 < rel < 3e-2  # bf16's rounding, not a different function
+
+
+def test_train_on_cuda_with_checkpointing(tiny_models, tmp_path):
+    from moekit.training import TrainOptions, train_model
+
+    rows = [[3 + (i + j) % 50 for j in range(32)] for i in range(64)]  # a pattern the model can learn in 4 steps
+    opts = TrainOptions(steps=4, lr=3e-3, batch_size=4, seq_len=32, aux_loss_coef=0.01, gradient_checkpointing=True,
+                        eval_share=0.1, eval_every=2, save_every=2, log_every=1)
+    summary = train_model(tiny_models("qwen3_moe"), tmp_path / "out", rows, None, None, opts)
+    assert summary["experts"].startswith("grouped_mm") and summary["peak memory GiB"] > 0
+    assert summary["last eval loss"] < summary["first eval loss"]
+    assert summary["devices"].endswith("cuda") and (tmp_path / "out.checkpoints" / "checkpoint-4").is_dir()

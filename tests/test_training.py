@@ -215,3 +215,198 @@ def test_data_errors_are_one_line(grown, tmp_path):
     one_line_error(train(src, tmp_path / "o", "--data", notext, *FAST), 3, 'no "text" column')
     one_line_error(train(src, tmp_path / "o", "--data", short, "--freeze", "sometimes", *FAST), 2, "--freeze")
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- continued pretraining
+
+
+def random_rows(n: int, seq_len: int = 16, seed: int = 0) -> list[list[int]]:
+    return torch.randint(3, 128, (n, seq_len), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+CPT = dict(steps=6, lr=1e-2, lr_schedule="cosine", warmup_steps=2, batch_size=2, grad_accum=2, seq_len=16,
+           weight_decay=0.1, eval_share=0.1, eval_every=2, log_every=1, device="cpu")
+
+
+@pytest.mark.parametrize("family,extra", [("qwen3_moe", {"aux_loss_coef": 0.01, "z_loss_coef": 1e-3}),
+                                          ("glm4_moe", {"bias_update": "adaptive"})])
+def test_stopped_and_resumed_equals_uninterrupted(tiny_models, tmp_path, family, extra):
+    """Trainer's own resume drops renamed (fused) expert tensors (transformers issue 48805): stop
+    after the step-3 checkpoint, resume, and the weights must equal a run that never stopped."""
+    from moekit.training import TrainOptions, train_model
+
+    src, rows = tiny_models(family), random_rows(48)
+    opts = TrainOptions(**CPT, save_every=3, **extra)
+    whole = train_model(src, tmp_path / "whole", rows, None, None, opts)
+
+    def stop_at_4(logs):
+        if logs.get("step") == 4 and "loss" in logs:
+            raise KeyboardInterrupt  # as a user's Ctrl-C between the checkpoint and the end
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(src, tmp_path / "resumed", rows, None, None, opts, checkpoints=tmp_path / "ckpt", on_log=stop_at_4)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "ckpt" / "checkpoint-3").is_dir()
+    resumed = train_model(src, tmp_path / "resumed", rows, None, None, opts, checkpoints=tmp_path / "ckpt", resume=True)
+    assert resumed["resumed from"].endswith("checkpoint-3") and resumed["steps"] == whole["steps"] == 6
+    a, b = open_checkpoint(tmp_path / "whole"), open_checkpoint(tmp_path / "resumed")
+    moved = [n for n in a.tensors if not torch.equal(a.load(n), open_checkpoint(src).load(n))]
+    assert len(moved) > len(a.tensors) // 2  # training changed the model, so equality means something
+    for name in a.tensors:
+        assert torch.equal(a.load(name), b.load(name)), f"{name} differs after resume"
+    curve_a = json.loads((tmp_path / "whole" / "training_curve.json").read_text())
+    curve_b = json.loads((tmp_path / "resumed" / "training_curve.json").read_text())
+    assert [e["step"] for e in curve_a["eval"]] == [0, 2, 4, 6] and curve_a["eval"] == curve_b["eval"]
+
+
+def test_trainer_resume_alone_loses_fused_experts(tiny_models, tmp_path):
+    """Why moekit saves its own checkpoints: save_pretrained + Trainer's non-strict load drop tensors."""
+    import transformers
+
+    pytest.importorskip("transformers.core_model_loading", reason="transformers 4.x keeps per-expert names at run time")
+    from moekit.hf import load_model
+
+    model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cpu")
+    model.save_pretrained(tmp_path / "saved")
+    from safetensors.torch import load_file
+
+    result = model.load_state_dict(load_file(tmp_path / "saved" / "model.safetensors"), strict=False)
+    assert any("experts" in k for k in result.missing_keys), transformers.__version__
+
+
+def hand_balance(logits: torch.Tensor, counts: torch.Tensor) -> float:
+    """N · Σ_i f_i · P_i written out: f from counts, P the mean softmax over this micro-batch."""
+    probs = logits.softmax(-1).mean(0)
+    f = counts / counts.sum()
+    return float(logits.shape[-1] * sum(f[i] * probs[i] for i in range(logits.shape[-1])))
+
+
+def routed(model, ids) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per MoE layer: the router logits of `ids`, and the top-k counts they imply (by hand)."""
+    with torch.no_grad():
+        logits = [l.float().reshape(-1, 4) for l in model(input_ids=ids, output_router_logits=True).router_logits]
+    return logits, [torch.bincount(l.softmax(-1).topk(2, -1).indices.flatten(), minlength=4).float() for l in logits]
+
+
+@pytest.mark.parametrize("balance", ["global", "micro"])
+def test_balance_loss_over_two_micro_batches_by_hand(tiny_models, tmp_path, balance):
+    """Qwen's global-batch loss: micro-batch 2 takes f from the counts of micro-batches 1 and 2
+    together; the micro-batch loss from its own counts; P is always the micro-batch's own."""
+    from transformers import TrainingArguments
+
+    from moekit.architectures import SOFTMAX_TOPK
+    from moekit.hf import load_model
+    from moekit.training import LifelongTrainer, RoutingCounter, collate
+
+    model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cpu")
+    counter = RoutingCounter(model)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=2)
+    trainer = LifelongTrainer(model=model, args=args, train_dataset=[{"input_ids": [3] * 8}] * 2, data_collator=collate,
+                              aux_loss_coef=1.0, balance=balance, routing=SOFTMAX_TOPK, counter=counter)
+    # two micro-batches of different text, so that their loads differ
+    one, two = torch.tensor(random_rows(2, 12, seed=1)), torch.tensor(random_rows(2, 12, seed=2)) // 4
+    counter.reset()  # what on_step_begin does
+    for ids in (one, two):
+        trainer.compute_loss(model, {"input_ids": ids, "replay": torch.zeros(2, dtype=torch.bool)})
+    got = [float(v) for v in trainer._terms["aux_loss"]]
+    (l1, c1), (l2, c2) = routed(model, one), routed(model, two)
+    want_one = sum(hand_balance(l, c) for l, c in zip(l1, c1)) / len(l1)
+    second = [a + b for a, b in zip(c1, c2)] if balance == "global" else c2
+    want_two = sum(hand_balance(l, c) for l, c in zip(l2, second)) / len(l2)
+    assert got == pytest.approx([want_one, want_two], rel=1e-5)
+    other = [a + b for a, b in zip(c1, c2)] if balance == "micro" else c2
+    assert abs(want_two - sum(hand_balance(l, c) for l, c in zip(l2, other)) / len(l2)) > 1e-4  # the modes differ here
+
+
+def test_switch_loss_selects_with_the_correction_bias(tiny_models):
+    """A sigmoid router picks on score + e_score_correction_bias: the loss's f must be those picks
+    (the ones RoutingCounter sees the experts get), not the top-k of the scores alone."""
+    from moekit.architectures import SIGMOID_BIASED
+    from moekit.hf import load_model
+    from moekit.training import RoutingCounter, balance_loss, moe_blocks, router_of
+
+    model, _ = load_model(tiny_models("glm4_moe"), torch.float32, "cpu")
+    block = next(iter(moe_blocks(model).values()))
+    gate = router_of(block)
+    with torch.no_grad():
+        gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))  # expert 3 always picked
+    seen = {}
+    gate.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].detach()))
+    counter = RoutingCounter(model)
+    model(input_ids=torch.tensor(random_rows(2, 12)))
+    logits = [torch.nn.functional.linear(seen["x"].reshape(-1, 64).float(), gate.weight.float())]
+    chosen = list(counter.counts.values())
+    assert chosen[0][3] == logits[0].shape[0]  # every token went to expert 3
+    biased = switch_aux_loss(logits, 2, SIGMOID_BIASED, [gate.e_score_correction_bias])
+    assert biased.item() == pytest.approx(balance_loss(logits, chosen, SIGMOID_BIASED).item(), rel=1e-6)
+    assert abs(biased.item() - switch_aux_loss(logits, 2, SIGMOID_BIASED).item()) > 1e-3
+
+
+def test_gradient_checkpointing_counts_each_token_once(tiny_models):
+    from moekit.hf import load_model
+    from moekit.training import RoutingCounter, enable_checkpointing
+
+    model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cpu")
+    enable_checkpointing(model)
+    model.train()
+    counter = RoutingCounter(model)
+    ids = torch.tensor(random_rows(2, 12))
+    model(input_ids=ids, use_cache=False).logits.sum().backward()  # the backward recomputes each layer
+    assert [float(c.sum()) for c in counter.counts.values()] == [2 * 12 * 2] * 2
+
+
+def test_dense_continued_pretraining_with_eval_and_curve(tiny_models, text, tmp_path):
+    """A dense parent trains too (the baseline of an upcycle); cosine schedule with its floor,
+    held-out share, the curve as JSON and PNG beside the model."""
+    src, out = with_char_tokenizer(tiny_models("llama"), tmp_path / "src"), tmp_path / "out"
+    r = train(src, out, "--data", text, "--freeze", "none", *FAST[:-2], "--steps", "4", "--log-every", "1",
+              "--lr-schedule", "cosine", "--min-lr-ratio", "0.1", "--eval-share", "0.1", "--eval-every", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["first eval loss"] > summary["last eval loss"] and summary["experts"].startswith("none")
+    curve = json.loads((out / "training_curve.json").read_text())
+    assert [e["step"] for e in curve["eval"]] == [0, 2, 4]
+    lrs = [h["learning_rate"] for h in curve["train"]]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and min(lrs) >= 1e-3 - 1e-9  # decays to 0.1 · 1e-2, not below
+    assert (out / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_option_errors_are_one_line(grown, text, tmp_path):
+    src = grown("qwen3_moe")
+    one_line_error(train(src, tmp_path / "o", "--data", text, "--lr-schedule", "linear", *FAST), 2, "--lr-schedule")
+    one_line_error(train(src, tmp_path / "o", "--data", text, "--balance", "local", *FAST), 2, "--balance")
+    one_line_error(train(src, tmp_path / "o", "--data", text, "--resume", *FAST), 3, "no checkpoint")
+    assert not (tmp_path / "o").exists()
+
+
+def test_two_process_ddp_run_and_resume(grown, text, tmp_path):
+    """Under torchrun / accelerate launch (two CPU processes, gloo): routing counts, the global
+    balance loss and the held-out loss are all-reduced; resuming from the step-2 checkpoint gives
+    the weights of the run that went on."""
+    import shutil
+    import subprocess
+    import sys
+
+    src = grown("qwen3_moe")
+
+    def ddp(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moekit",
+               "train", str(src), str(out), "--freeze", "none", "--data", str(text), "--steps", "4", "--batch-size", "2",
+               "--grad-accum", "2", "--seq-len", "32", "--aux-loss-coef", "0.01", "--eval-share", "0.1",
+               "--eval-every", "2", "--save-every", "2", "--checkpoint-dir", str(tmp_path / "ckpt"), "--device", "cpu",
+               "--json", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+    r = ddp(tmp_path / "whole")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout)
+    assert summary["devices"] == "2 x cpu" and summary["tokens"] == 4 * 2 * 2 * 32 * 2
+    shutil.rmtree(tmp_path / "ckpt" / "checkpoint-4")
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x's Trainer loads the optimizer state with map_location='cpu:0' in CPU "
+                    "multi-process runs, which torch.load refuses (GPU runs are not affected)")
+    r = ddp(tmp_path / "resumed", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = open_checkpoint(tmp_path / "whole"), open_checkpoint(tmp_path / "resumed")
+    assert all(torch.equal(a.load(n), b.load(n)) for n in a.tensors)
