@@ -9,6 +9,7 @@ import torch
 
 from moekit.checkpoint import Checkpoint
 from moekit.errors import MoekitError
+from moekit.pipeline import OutputTensor, passthrough
 from moekit.targets import PROJS, TARGETS, Target
 
 
@@ -18,6 +19,21 @@ def source_target(ckpt: Checkpoint) -> Target:
         raise MoekitError(f"this command reads the MoE layouts moekit writes ({', '.join(TARGETS)}); "
                           f"{ckpt.path} is {model_type!r}")
     return TARGETS[model_type]
+
+
+def replace_blocks(ckpt: Checkpoint, owner: dict[str, int], dtype, plan_block) -> list[OutputTensor]:
+    """The output tensors in the source's order: a tensor of no MoE block passes through; the
+    tensors of block i (owner maps their names to i) give way, where the first of them stood, to
+    `plan_block(i)`."""
+    outputs, done = [], set()
+    for meta in ckpt.tensors.values():
+        i = owner.get(meta.name)
+        if i is None:
+            outputs.append(passthrough(ckpt, meta, dtype))
+        elif i not in done:
+            done.add(i)
+            outputs += plan_block(i)
+    return outputs
 
 
 def moe_layer_indices(ckpt: Checkpoint, target: Target) -> list[int]:

@@ -17,7 +17,7 @@ from moekit.architectures import SOFTMAX_TOPK, read_field
 from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.errors import UsageError
 from moekit.pipeline import OutputTensor, passthrough
-from moekit.surgery.layout import ExpertReader, moe_layer_indices, source_target
+from moekit.surgery.layout import ExpertReader, moe_layer_indices, replace_blocks, source_target
 from moekit.targets import PROJS, Target
 
 
@@ -126,18 +126,15 @@ def plan_prune(ckpt: Checkpoint, kept: dict[int, list[int]], *, top_k: int | Non
     new_k = check_prune(ckpt, keep, top_k)
     reader = ExpertReader(ckpt, target, n)
     owner = {name: i for i in layers for name in reader.names(i)}
-    outputs, records, done = [], [], set()
-    for meta in ckpt.tensors.values():
-        i = owner.get(meta.name)
-        if i is None:
-            outputs.append(passthrough(ckpt, meta, dtype))
-            continue
-        if i in done:
-            continue
-        done.add(i)
-        outputs += _pruned_block(ckpt, target, i, kept[i], dtype)
+    records = []
+
+    def plan_block(i: int) -> list[OutputTensor]:
+        block = _pruned_block(ckpt, target, i, kept[i], dtype)
         records.append({"layer": i, "kept": kept[i], "removed": [e for e in range(n) if e not in kept[i]],
                         "new_ids": {str(e): j for j, e in enumerate(kept[i])}})
+        return block
+
+    outputs = replace_blocks(ckpt, owner, dtype, plan_block)
     config = dict(cfg)
     config.update({f: keep for f in target.experts_fields})
     config["num_experts_per_tok"] = new_k

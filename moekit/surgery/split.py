@@ -18,9 +18,9 @@ import torch
 from moekit.architectures import child_weight_factor, read_field
 from moekit.checkpoint import Checkpoint, TensorMeta
 from moekit.errors import UsageError
-from moekit.pipeline import OutputTensor, passthrough
+from moekit.pipeline import OutputTensor
 from moekit.surgery import partition
-from moekit.surgery.layout import ExpertReader, moe_layer_indices, source_target
+from moekit.surgery.layout import ExpertReader, moe_layer_indices, replace_blocks, source_target
 from moekit.surgery.requirements import model_shape
 from moekit.targets import PROJS, Target
 
@@ -119,19 +119,16 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
 
     block_names = {i: reader.names(i) for i in moe_layers}
     owner = {name: i for i, names in block_names.items() for name in names}
-    outputs, layers, done = [], [], set()
-    for meta in ckpt.tensors.values():
-        i = owner.get(meta.name)
-        if i is None:
-            outputs.append(passthrough(ckpt, meta, dtype))
-            continue
-        if i in done:
-            continue
-        done.add(i)
-        outputs += _child_block(target, i, n, G, child, hidden, out_dtype, reader, child_tensor, child_rows)
+    layers = []
+
+    def plan_block(i: int) -> list[OutputTensor]:
+        block = _child_block(target, i, n, G, child, hidden, out_dtype, reader, child_tensor, child_rows)
         layers.append({"layer": i, "parents": n, "children": n * G, "granularity": G, "partition": method,
                        "factor": factor,
                        **({} if method == "contiguous" else {"permutations": {e: permutation(i, e).tolist() for e in range(n)}})})
+        return block
+
+    outputs = replace_blocks(ckpt, owner, dtype, plan_block)
     config = dict(cfg)
     config.update({f: n * G for f in target.experts_fields})
     config[target.width_field] = child
