@@ -101,6 +101,9 @@ ATTENTION_TENSORS = {
     "model.layers.{i}.self_attn.v_proj.weight": ("kv", "hidden_size"),
     "model.layers.{i}.self_attn.o_proj.weight": ("hidden_size", "q"),
 }
+# Latent attention (MLA: q_a/q_b/kv_a/kv_b projections, shapes set by five ranks) is left to
+# transformers' own loading; these families' experts and routers are still checked.
+LATENT_ATTENTION = ("deepseek_v2", "deepseek_v3")
 DENSE_FFN_TENSORS = {
     "model.layers.{i}.mlp.gate_proj.weight": ("intermediate_size", "hidden_size"),
     "model.layers.{i}.mlp.up_proj.weight": ("intermediate_size", "hidden_size"),

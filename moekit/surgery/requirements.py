@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-from moekit.architectures import (ATTENTION_TENSORS, DENSE_FFN_TENSORS, DENSE_LAYER_NORMS, MODEL_TENSORS,
-                                  UNTIED_HEAD, read_field)
+from moekit.architectures import (ATTENTION_TENSORS, DENSE_FFN_TENSORS, DENSE_LAYER_NORMS, LATENT_ATTENTION,
+                                  MODEL_TENSORS, UNTIED_HEAD, read_field)
 from moekit.checkpoint import Checkpoint
 from moekit.errors import MoekitError
 from moekit.options import first_problem
@@ -73,7 +73,8 @@ def check_moe(ckpt: Checkpoint, target: Target, moe_layers: list[int]) -> ModelS
     """An MoE source holds embeddings, attention, and in every MoE layer its router and N experts."""
     shape = model_shape(ckpt, [target.experts_fields, target.width_field, "num_experts_per_tok"])
     n, width = read_field(ckpt.config, target.experts_fields), ckpt.config[target.width_field]
-    required = _expand(shape, ATTENTION_TENSORS, range(shape.num_hidden_layers))
+    attention = {} if ckpt.config.get("model_type") in LATENT_ATTENTION else ATTENTION_TENSORS
+    required = _expand(shape, attention, range(shape.num_hidden_layers))
     h = shape.hidden_size
     for i in moe_layers:
         required[target.router.format(i=i)] = (n, h)
