@@ -74,7 +74,7 @@ was done to each layer. Load it with stock transformers, no remote code:
 
 ```python
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=False)
 ```
 
 Options:
