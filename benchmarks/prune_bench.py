@@ -14,7 +14,6 @@ Method, timing and quiet-machine waits as in benchmarks/upcycle_bench.py, whose 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import signal
 import sys
@@ -22,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from upcycle_bench import CACHE, MOEKIT, bench, copy_rows, output  # noqa: E402
+from upcycle_bench import CACHE, MOEKIT, bench, copy_rows, report_rows  # noqa: E402
 
 TARGETS = {"moekit prune/cp time": 2.0, "moekit prune peak RSS MB": 400}
 
@@ -84,16 +83,7 @@ def main() -> None:
     ratios = {"moekit prune/cp time": wall["moekit prune"] / wall["cp -r"],
               "moekit prune/(cp+sync) time": wall["moekit prune"] / wall["cp -r + sync"],
               "moekit prune peak RSS MB": rows["moekit prune"]["rss_mb"]}
-    print(f"\nmedians of {args.runs} runs")
-    for label, r in rows.items():
-        print(f"  {label:16s} {r['wall_s']:7.2f} s wall {r['cpu_s']:7.2f} s cpu {r['rss_mb']:8.1f} MB")
-    for k, v in ratios.items():
-        goal = f"  target ≤ {TARGETS[k]:g}: " + ("met" if v <= TARGETS[k] else "MISSED") if k in TARGETS else ""
-        print(f"  {k:30s} {v:8.2f}{goal}")
-    if args.json:
-        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "commit": output(["git", "rev-parse", "--short", "HEAD"]),
-                                         "results": rows, "ratios": ratios}, indent=2) + "\n")
-
+    report_rows(rows, ratios, TARGETS, args.runs, args.json, width=16)
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ and quiet-machine waits as in benchmarks/upcycle_bench.py, whose helpers this us
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from upcycle_bench import CACHE, MOEKIT, bench, copy_rows, output, smollm2_source  # noqa: E402
+from upcycle_bench import CACHE, MOEKIT, bench, copy_rows, report_rows, smollm2_source  # noqa: E402
 
 TARGET = ("moekit split/cp time", 2.0)
 
@@ -64,16 +63,7 @@ def main() -> None:
     ratios = {"moekit split/cp time": base / wall["cp -r"], "moekit split/(cp+sync) time": base / wall["cp -r + sync"],
               **{f"{label.split()[-1]} partition cost s": wall[label] - base for label in wall
                  if label.startswith("moekit split") and label != "moekit split contiguous"}}
-    print(f"\nmedians of {args.runs} runs")
-    for label, r in rows.items():
-        print(f"  {label:26s} {r['wall_s']:7.2f} s wall {r['cpu_s']:7.2f} s cpu {r['rss_mb']:8.1f} MB")
-    for k, v in ratios.items():
-        goal = f"  target ≤ {TARGET[1]:g}×: " + ("met" if v <= TARGET[1] else "MISSED") if k == TARGET[0] else ""
-        print(f"  {k:30s} {v:8.2f}{goal}")
-    if args.json:
-        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "commit": output(["git", "rev-parse", "--short", "HEAD"]),
-                                         "results": rows, "ratios": ratios}, indent=2) + "\n")
-
+    report_rows(rows, ratios, {TARGET[0]: TARGET[1]}, args.runs, args.json, width=26, unit="×")
 
 if __name__ == "__main__":
     main()

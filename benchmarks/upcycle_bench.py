@@ -202,6 +202,20 @@ def bench(name: str, src: Path, tools: dict, runs: int, work: Path, quiet_s: flo
     return summary
 
 
+def report_rows(rows: dict, ratios: dict, targets: dict, runs: int, json_path: Path | None, width: int,
+           unit: str = "") -> None:
+    """Print the medians and the ratios (with their goals, `targets`), and write them as JSON."""
+    print(f"\nmedians of {runs} runs")
+    for label, r in rows.items():
+        print(f"  {label:{width}s} {r['wall_s']:7.2f} s wall {r['cpu_s']:7.2f} s cpu {r['rss_mb']:8.1f} MB")
+    for k, v in ratios.items():
+        goal = f"  target ≤ {targets[k]:g}{unit}: " + ("met" if v <= targets[k] else "MISSED") if k in targets else ""
+        print(f"  {k:30s} {v:8.2f}{goal}")
+    if json_path:
+        json_path.write_text(json.dumps({"command": " ".join(sys.argv), "commit": output(["git", "rev-parse", "--short", "HEAD"]),
+                                         "results": rows, "ratios": ratios}, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skip-mergekit", action="store_true")
