@@ -173,7 +173,7 @@ def run_prune(opts: PruneOptions, progress: Progress | None = None) -> tuple[Wri
         raise MoekitError(f"{ckpt.path} is a dense model: it has no experts to prune")
     target = source_target(ckpt)
     cfg = ckpt.config
-    n = read_field(cfg, target.experts_fields)
+    n = read_field(cfg, target.fields.expert_fields)
     keep = keep_count(n, opts.keep, opts.ratio)
     check_prune(ckpt, keep, opts.top_k)  # options valid before any forward pass
     layers = moe_layer_indices(ckpt, target)

@@ -31,7 +31,7 @@ def test_new_experts_are_appended_and_old_ones_untouched(tiny_models, tmp_path, 
     summary = grow(src, out, "-m", "2", "--copy-from", "1", "--drift-tokens", "256")
     t = TARGETS[family]
     cfg = json.loads((out / "config.json").read_text())
-    assert all(cfg[f] == 6 for f in t.experts_fields if f in cfg)
+    assert all(cfg[f] == 6 for f in t.fields.expert_fields if f in cfg)
     load(out)  # stock transformers: no missing, unexpected or mismatched keys
     old, new = open_checkpoint(src), open_checkpoint(out)
     layer = int(next(iter(json.loads((out / "moekit.json").read_text())["freeze"]["moe_layers"])))

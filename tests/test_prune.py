@@ -28,7 +28,7 @@ def build(family, path, **overrides):
     """A tiny model of `family` with N experts, renormalised top-k where the family has the flag."""
     t = TARGETS[family]
     renorm = {"norm_topk_prob": True} if t.routing is SOFTMAX_TOPK else {}
-    return tiny.build(family, path, **{t.experts_fields[0]: N, **renorm, **overrides})
+    return tiny.build(family, path, **{t.fields.expert_fields[0]: N, **renorm, **overrides})
 
 
 def never_routed(src, family, removed=REMOVED, big=1000.0):
@@ -68,7 +68,7 @@ def test_pruning_experts_never_routed_is_exact_and_native(tmp_path, family):
     assert proc.returncode == 0, proc.stderr
     assert "without renormalisation" not in proc.stderr  # renormalised: the surviving weights do not change
     cfg, t = json.loads((out / "config.json").read_text()), TARGETS[family]
-    assert all(cfg[f] == KEEP for f in t.experts_fields) and cfg["num_experts_per_tok"] == 2
+    assert all(cfg[f] == KEEP for f in t.fields.expert_fields) and cfg["num_experts_per_tok"] == 2
     record = json.loads((out / "moekit.json").read_text())
     for layer in record["layers"]:
         assert layer["removed"] == list(REMOVED)
@@ -116,7 +116,7 @@ def test_scores_match_a_hand_computation(tmp_path, family):
     from moekit.prune import expert_scores
 
     overrides = {"routed_scaling_factor": 2.5} if family == "glm4_moe" else {}
-    src = tiny.build(family, tmp_path / "src", **{TARGETS[family].experts_fields[0]: N}, **overrides)
+    src = tiny.build(family, tmp_path / "src", **{TARGETS[family].fields.expert_fields[0]: N}, **overrides)
     model = load_model(src, device="cpu")[0]
     if TARGETS[family].router_bias:  # a non-zero selection bias: selection and weights must differ
         for name, buf in model.named_buffers():

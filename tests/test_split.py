@@ -27,8 +27,8 @@ def test_split_of_native_moe_is_exact(tiny_models, tmp_path, family, method):
     split(src, out, "-g", "4", "--partition", method)
     cfg, old = (json.loads((p / "config.json").read_text()) for p in (out, src))
     t = TARGETS[family]
-    assert all(cfg[f] == 16 for f in t.experts_fields) and cfg["num_experts_per_tok"] == 8
-    assert cfg[t.width_field] == old[t.width_field] // 4
+    assert all(cfg[f] == 16 for f in t.fields.expert_fields) and cfg["num_experts_per_tok"] == 8
+    assert cfg[t.fields.expert_width] == old[t.fields.expert_width] // 4
     assert max_rel_error(src, out, 128, seed=len(family)) <= 1e-5
 
 

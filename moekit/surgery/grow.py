@@ -67,8 +67,9 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
                      dtype: torch.dtype | None = None) -> GrowPlan:
     cfg = ckpt.config
     target = source_target(ckpt)
-    model_shape(ckpt, [target.experts_fields, target.width_field, "num_experts_per_tok"])  # numbers, before arithmetic
-    n, k = read_field(cfg, target.experts_fields), cfg["num_experts_per_tok"]
+    fields = target.fields
+    model_shape(ckpt, [fields.expert_fields, fields.expert_width, "num_experts_per_tok"])  # numbers, before arithmetic
+    n, k = read_field(cfg, fields.expert_fields), cfg["num_experts_per_tok"]
     if m < 1:
         raise UsageError(f"--new-experts must be at least 1, got {m}")
     if init not in INITS:
@@ -90,7 +91,7 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
 
     reader = ExpertReader(ckpt, target, n)
     out_dtype = dtype or ckpt.meta(target.router.format(i=layers[0])).dtype
-    width, hidden = cfg[target.width_field], cfg["hidden_size"]
+    width, hidden = cfg[fields.expert_width], cfg["hidden_size"]
 
     def old(i: int, e: int, p: str) -> torch.Tensor:
         return reader.projection(i, e, p).to(out_dtype)
@@ -145,7 +146,7 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
         records.append({"layer": i, "old_experts": n, "new_experts": m, "init": init, "router_init": router_init,
                         "copied_from": donor or None})
     config = dict(cfg)
-    config.update({f: n + m for f in target.experts_fields})
+    config.update({f: n + m for f in fields.expert_fields})
     config["num_experts_per_tok"] = new_k
     freeze = {"format": 1, "moe_layers": {str(i): {"old_experts": n, "new_experts": m} for i in layers}, "tensors": tensors}
     return GrowPlan(outputs, config, records, target, freeze, n, n + m, new_k)

@@ -56,7 +56,7 @@ def weights_change(target: Target, config: dict) -> bool:
 def check_prune(ckpt: Checkpoint, keep: int, top_k: int | None) -> int:
     """Refuse what the output could not route; return the new top-k."""
     cfg, target = ckpt.config, source_target(ckpt)
-    n, k = read_field(cfg, target.experts_fields), cfg["num_experts_per_tok"]
+    n, k = read_field(cfg, target.fields.expert_fields), cfg["num_experts_per_tok"]
     new_k = k if top_k is None else top_k
     if top_k is not None and not 1 <= top_k <= keep:
         raise UsageError(f"--top-k must be between 1 and the {keep} experts kept, got {top_k}")
@@ -117,7 +117,7 @@ def plan_prune(ckpt: Checkpoint, kept: dict[int, list[int]], *, top_k: int | Non
                dtype: torch.dtype | None = None) -> PrunePlan:
     """Keep experts `kept[layer]` (sorted old ids, the same count in every MoE layer)."""
     cfg, target = ckpt.config, source_target(ckpt)
-    n = read_field(cfg, target.experts_fields)
+    n = read_field(cfg, target.fields.expert_fields)
     layers = moe_layer_indices(ckpt, target)
     counts = {len(kept[i]) for i in layers}
     if len(counts) != 1:
@@ -136,7 +136,7 @@ def plan_prune(ckpt: Checkpoint, kept: dict[int, list[int]], *, top_k: int | Non
 
     outputs = replace_blocks(ckpt, owner, dtype, plan_block)
     config = dict(cfg)
-    config.update({f: keep for f in target.experts_fields})
+    config.update({f: keep for f in target.fields.expert_fields})
     config["num_experts_per_tok"] = new_k
     return PrunePlan(outputs, config, records, target, keep, new_k, weights_kept=not weights_change(target, cfg))
 

@@ -71,8 +71,9 @@ def check_dense(ckpt: Checkpoint) -> ModelShape:
 
 def check_moe(ckpt: Checkpoint, target: Target, moe_layers: list[int]) -> ModelShape:
     """An MoE source holds embeddings, attention, and in every MoE layer its router and N experts."""
-    shape = model_shape(ckpt, [target.experts_fields, target.width_field, "num_experts_per_tok"])
-    n, width = read_field(ckpt.config, target.experts_fields), ckpt.config[target.width_field]
+    fields = target.fields
+    shape = model_shape(ckpt, [fields.expert_fields, fields.expert_width, "num_experts_per_tok"])
+    n, width = read_field(ckpt.config, fields.expert_fields), ckpt.config[fields.expert_width]
     attention = {} if ckpt.config.get("model_type") in LATENT_ATTENTION else ATTENTION_TENSORS
     required = _expand(shape, attention, range(shape.num_hidden_layers))
     h = shape.hidden_size

@@ -46,9 +46,10 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
                dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> SplitPlan:
     cfg, G = ckpt.config, granularity
     target = source_target(ckpt)
-    model_shape(ckpt, [target.experts_fields, target.width_field, "num_experts_per_tok"])  # numbers, before arithmetic
-    n, k = read_field(cfg, target.experts_fields), cfg["num_experts_per_tok"]
-    width = cfg[target.width_field]
+    fields = target.fields
+    model_shape(ckpt, [fields.expert_fields, fields.expert_width, "num_experts_per_tok"])  # numbers, before arithmetic
+    n, k = read_field(cfg, fields.expert_fields), cfg["num_experts_per_tok"]
+    width = cfg[fields.expert_width]
     if G < 2:
         raise UsageError(f"--granularity must be at least 2, got {G}")
     if width % G:
@@ -130,11 +131,11 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
 
     outputs = replace_blocks(ckpt, owner, dtype, plan_block)
     config = dict(cfg)
-    config.update({f: n * G for f in target.experts_fields})
-    config[target.width_field] = child
+    config.update({f: n * G for f in fields.expert_fields})
+    config[fields.expert_width] = child
     config["num_experts_per_tok"] = new_k
-    if target.shared_field and target.shared_is_count:  # GLM: shared width is moe_intermediate_size × count
-        config[target.shared_field] = cfg[target.shared_field] * G
+    if fields.shared_experts:  # GLM: shared width is moe_intermediate_size × count
+        config[fields.shared_experts] = cfg[fields.shared_experts] * G
     return SplitPlan(outputs, config, layers, target, n * G, new_k, factor, exact=new_k == k * G)
 
 

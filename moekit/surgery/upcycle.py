@@ -88,22 +88,23 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
 
 def layer_config(target: Target, moe_layers: list[int], n_layers: int) -> dict:
     """The target's own fields that say which layers are MoE; refuse what it cannot say."""
-    dense = [i for i in range(n_layers) if i not in moe_layers]
+    dense, fields = [i for i in range(n_layers) if i not in moe_layers], target.fields.moe_layers
     if not dense:
-        return {"decoder_sparse_step": 1, "mlp_only_layers": []} if target.layer_fields == "sparse_step" else (
-            {"first_k_dense_replace": 0} if target.layer_fields == "first_k" else {})
-    if target.layer_fields == "sparse_step":
+        return {"decoder_sparse_step": 1, "mlp_only_layers": []} if fields == "sparse_step" else (
+            {"first_k_dense_replace": 0} if fields == "first_k" else {})
+    if fields == "sparse_step":
         return {"decoder_sparse_step": 1, "mlp_only_layers": dense}
-    if target.layer_fields == "first_k" and dense == list(range(len(dense))):
+    if fields == "first_k" and dense == list(range(len(dense))):
         return {"first_k_dense_replace": len(dense)}
-    how = {"first_k": "only its first k layers dense (skip-first:k)", "all": "every layer MoE"}[target.layer_fields]
+    how = {"first_k": "only its first k layers dense (skip-first:k)", "all": "every layer MoE"}[fields]
     raise UsageError(f"{target.model_type} can only have {how}; --moe-layers asks for dense layers {dense}")
 
 
 def check_routing(target: Target, routing: str) -> None:
     if routing == "softmax-topk" and not target.softmax_topk:
         why = NO_SOFTMAX_TOPK.get(target.model_type, "it cannot turn renormalisation off")
-        raise UsageError(f"--routing softmax-topk needs qwen2_moe, qwen3_moe or flex_olmo: {why}")
+        *others, last = [t.model_type for t in TARGETS.values() if t.softmax_topk and t.parents]
+        raise UsageError(f"--routing softmax-topk needs {', '.join(others)} or {last}: {why}")
     if routing not in ("renormalised", "softmax-topk"):
         raise UsageError(f"unknown --routing {routing!r} (known: renormalised, softmax-topk)")
 
@@ -116,30 +117,28 @@ def softmax_topk_scale(n: int, k: int) -> float:
 
 def build_config(parent: dict, target: Target, n: int, k: int, shared: int, d_ff: int, moe_layers: list[int],
                  routing: str = "renormalised") -> dict:
-    """Edit the parent's own config dict (BRIEF §4: never re-serialise through transformers 5.x)."""
-    cfg = dict(parent)
+    """Edit the parent's own config dict (never re-serialise through transformers 5.x)."""
+    cfg, fields = dict(parent), target.fields
     n_layers = parent["num_hidden_layers"]
     cfg.update(model_type=target.model_type, architectures=[target.architecture], num_experts_per_tok=k,
                output_router_logits=False)
-    cfg.update({f: n for f in target.experts_fields})
-    cfg[target.width_field] = d_ff
+    cfg.update({f: n for f in fields.expert_fields})
+    cfg[fields.expert_width] = d_ff
     cfg.setdefault("intermediate_size", d_ff)  # dense layers keep the parent's FFN
-    if target.shared_field:
-        cfg[target.shared_field] = shared if target.shared_is_count else d_ff * shared
+    if fields.shared_experts:
+        cfg[fields.shared_experts] = shared
+    if fields.shared_width:
+        cfg[fields.shared_width] = d_ff * shared
     cfg.update(target.config)
     if routing == "softmax-topk":
         cfg["norm_topk_prob"] = False
     cfg.update(layer_config(target, moe_layers, n_layers))
     if "partial_rotary_factor" in target.config and isinstance(cfg.get("rope_parameters"), dict):
         cfg["rope_parameters"] = {**cfg["rope_parameters"], "partial_rotary_factor": target.config["partial_rotary_factor"]}
-    if target.model_type == "mixtral":
-        cfg["sliding_window"] = parent.get("sliding_window")  # Mixtral's class default differs
     if target.untie and parent.get("tie_word_embeddings"):
         cfg["tie_word_embeddings"] = False  # lm_head.weight is written out (see plan_upcycle)
-    if target.model_type == "glm4_moe":
-        cfg["head_dim"] = parent.get("head_dim") or parent["hidden_size"] // parent["num_attention_heads"]  # vLLM reads it
-        cfg["use_qk_norm"] = parent["model_type"] == "qwen3"
-        cfg["attention_bias"] = parent["model_type"] == "qwen2" or parent.get("attention_bias", False)
+    if target.from_parent:
+        cfg.update(target.from_parent(parent))
     return cfg
 
 
