@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 
 from moekit.architectures import MOE_CONFIG, SIGMOID_BIASED
-from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from moekit.errors import MoekitError
-from moekit.pipeline import OutputTensor, Progress, WriteResult, passthrough, write_model
+from moekit.pipeline import Progress, WriteResult, write_model
 from moekit.profile import MoEModel, RouterCounter, input_device
 
 BIAS = "e_score_correction_bias"

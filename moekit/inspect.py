@@ -11,7 +11,7 @@ import re
 from collections import Counter, defaultdict
 
 from moekit.architectures import DENSE_FAMILIES, MOE_CONFIG, read_field
-from moekit.checkpoint.reader import Checkpoint, TensorMeta
+from moekit.checkpoint import Checkpoint, TensorMeta
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 SHARED = re.compile(r"shared_expert|shared_mlp")

@@ -13,9 +13,8 @@ from typing import Callable
 import torch
 
 from moekit.architectures import SIGMOID_BIASED, Routing, read_field
-from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import UsageError
-from moekit.pipeline import OutputTensor, passthrough
 from moekit.surgery.layout import ExpertReader, moe_layer_indices, source_target
 from moekit.surgery.requirements import model_shape
 from moekit.surgery.upcycle import perturb

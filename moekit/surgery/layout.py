@@ -7,9 +7,8 @@ from functools import lru_cache
 
 import torch
 
-from moekit.checkpoint import Checkpoint
+from moekit.checkpoint import Checkpoint, OutputTensor, passthrough
 from moekit.errors import MoekitError
-from moekit.pipeline import OutputTensor, passthrough
 from moekit.targets import PROJS, TARGETS, Target
 
 

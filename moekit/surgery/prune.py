@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from moekit.architectures import SOFTMAX_TOPK, read_field
-from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import UsageError
-from moekit.pipeline import OutputTensor, passthrough
 from moekit.surgery.layout import ExpertReader, moe_layer_indices, replace_blocks, source_target
 from moekit.targets import PROJS, Target
 

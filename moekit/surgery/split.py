@@ -16,9 +16,8 @@ from typing import Callable
 import torch
 
 from moekit.architectures import child_weight_factor, read_field
-from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta
 from moekit.errors import UsageError
-from moekit.pipeline import OutputTensor
 from moekit.surgery import partition
 from moekit.surgery.layout import ExpertReader, moe_layer_indices, replace_blocks, source_target
 from moekit.surgery.requirements import model_shape

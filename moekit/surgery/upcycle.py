@@ -14,10 +14,9 @@ from typing import Callable
 
 import torch
 
-from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import MoekitError, UsageError
 from moekit.inspect import describe
-from moekit.pipeline import OutputTensor, passthrough
 from moekit.surgery.requirements import check_dense
 from moekit.targets import (DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, PROJS, TARGETS, WHY_NOT,
                             Target)
