@@ -30,7 +30,8 @@ from moekit.errors import MoekitError, UsageError
 from moekit.inspect import describe
 from moekit.options import PruneOptions
 from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
-from moekit.surgery.layout import moe_layer_indices, source_target
+from moekit.surgery.layout import source_target
+from moekit.surgery.requirements import moe_layer_indices
 from moekit.surgery.prune import check_prune, choose_kept, keep_count, plan_prune
 
 METHODS = ("reap", "frequency", "ean", "random")

@@ -19,10 +19,7 @@ def grow(src, out, *args):
 
 
 def expert_weight(ckpt, target, layer, e, proj="down"):
-    t = TARGETS[target]
-    if t.expert:
-        return ckpt.load(t.expert.format(i=layer, e=e, proj=t.proj[proj]))
-    return ckpt.load(t.fused_down.format(i=layer))[e]
+    return TARGETS[target].experts.read(ckpt.load, layer, e, proj)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "granitemoe"])

@@ -12,7 +12,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from moekit.architectures import SOFTMAX_TOPK
-from moekit.targets import PROJS, TARGETS
+from moekit.layouts import PROJS
+from moekit.targets import TARGETS
 from tests import tiny
 from tests.conftest import run_moekit
 from tests.test_upcycle import load, max_rel_error
@@ -83,7 +84,8 @@ def test_kept_experts_and_router_rows_are_the_source_ones(tmp_path, family):
     """Random choice (no forward pass): kept expert e is new expert j, byte for byte; router rows
     and selection biases sliced; shared experts untouched; loads with no key problems."""
     from moekit.checkpoint import open_checkpoint
-    from moekit.surgery.layout import ExpertReader, moe_layer_indices
+    from moekit.surgery.layout import ExpertReader
+    from moekit.surgery.requirements import moe_layer_indices
 
     src, out = build(family, tmp_path / "src"), tmp_path / "pruned"
     assert prune(src, out, "--ratio", "0.25", "--method", "random", "--seed", "3").returncode == 0
@@ -165,11 +167,7 @@ def hand_scores(model, family, batches, weights):
         freq, ean, reap = (torch.zeros(N, dtype=torch.float64) for _ in range(3))
         for e in range(N):
             tok, slot = (idx == e).nonzero(as_tuple=True)
-            if t.expert:
-                gate, up, down = (weights[t.expert.format(i=i, e=e, proj=t.proj[p])].double() for p in PROJS)
-            else:
-                gate, up = weights[t.fused_gate_up.format(i=i)][e].double().chunk(2)
-                down = weights[t.fused_down.format(i=i)][e].double()
+            gate, up, down = (t.experts.read(weights.__getitem__, i, e, p).double() for p in PROJS)
             y = torch.nn.functional.silu(x[tok] @ gate.T) * (x[tok] @ up.T) @ down.T
             norm = y.norm(dim=-1)
             freq[e], ean[e] = len(tok), norm.sum()
@@ -289,7 +287,7 @@ def test_cast_on_the_way(tmp_path):
     assert prune(src, tmp_path / "out", "--keep", "6", "--method", "random", "--dtype", "bfloat16").returncode == 0
     out, t = open_checkpoint(tmp_path / "out"), TARGETS["glm4_moe"]
     assert out.meta(t.router.format(i=1)).dtype == torch.bfloat16
-    assert out.meta(t.expert.format(i=1, e=5, proj="down_proj")).dtype == torch.bfloat16
+    assert out.meta(t.experts.tensor_name(1, 5, "down")).dtype == torch.bfloat16
     assert out.meta(t.router_bias.format(i=1)).dtype == torch.float32
     assert torch.isfinite(load(tmp_path / "out")(torch.randint(0, 128, (1, 8))).logits).all()
 

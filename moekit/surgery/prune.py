@@ -16,8 +16,9 @@ import torch
 from moekit.architectures import SOFTMAX_TOPK, read_field
 from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import UsageError
-from moekit.surgery.layout import ExpertReader, moe_layer_indices, replace_blocks, source_target
-from moekit.targets import PROJS, Target
+from moekit.surgery.layout import ExpertReader, replace_blocks, source_target
+from moekit.surgery.requirements import moe_layer_indices
+from moekit.targets import Target
 
 
 @dataclass(frozen=True)
@@ -144,14 +145,12 @@ def _pruned_block(ckpt: Checkpoint, t: Target, i: int, kept: list[int], dtype) -
     block = [rows_of(ckpt, t.router.format(i=i), kept, dtype)]
     if t.router_bias:  # a selection bias stays fp32 whatever --dtype says
         block.append(rows_of(ckpt, t.router_bias.format(i=i), kept, None))
-    if t.expert:  # per-expert keys: kept expert e becomes expert j, byte for byte
-        for j, e in enumerate(kept):
-            for p in PROJS:
-                old = t.expert.format(i=i, e=e, proj=t.proj[p])
-                meta = ckpt.meta(old)
-                renamed = passthrough(ckpt, meta, dtype)
-                block.append(OutputTensor(TensorMeta(t.expert.format(i=i, e=j, proj=t.proj[p]), meta.shape, renamed.meta.dtype),
-                                          renamed.produce, copy_of=renamed.copy_of))
-        return block
-    return block + [rows_of(ckpt, t.fused_gate_up.format(i=i), kept, dtype),
-                    rows_of(ckpt, t.fused_down.format(i=i), kept, dtype)]
+    for name, source, rows in t.experts.select(i, kept):
+        block.append(renamed(ckpt, source, name, dtype) if rows is None else rows_of(ckpt, source, rows, dtype))
+    return block
+
+
+def renamed(ckpt: Checkpoint, name: str, new_name: str, dtype: torch.dtype | None) -> OutputTensor:
+    """A source tensor under another name (kept expert e becomes expert j), byte for byte."""
+    same = passthrough(ckpt, ckpt.meta(name), dtype)
+    return OutputTensor(TensorMeta(new_name, same.meta.shape, same.meta.dtype), same.produce, copy_of=same.copy_of)

@@ -19,9 +19,9 @@ from moekit.architectures import child_weight_factor, read_field
 from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta
 from moekit.errors import UsageError
 from moekit.surgery import partition
-from moekit.surgery.layout import ExpertReader, moe_layer_indices, replace_blocks, source_target
-from moekit.surgery.requirements import model_shape
-from moekit.targets import PROJS, Target
+from moekit.surgery.layout import ExpertReader, replace_blocks, source_target
+from moekit.surgery.requirements import model_shape, moe_layer_indices
+from moekit.targets import Target
 
 
 @dataclass(frozen=True)
@@ -146,20 +146,6 @@ def _child_block(t: Target, i, n, G, child, hidden, dtype, reader, child_tensor,
         bias = t.router_bias.format(i=i)
         block.append(OutputTensor(TensorMeta(bias, (n * G,), torch.float32),
                                   lambda: reader.load(bias).float().repeat_interleave(G)))
-    shapes = {"gate": (child, hidden), "up": (child, hidden), "down": (hidden, child)}
-    if t.expert:
-        for e in range(n):
-            for g in range(G):
-                for p in PROJS:
-                    name = t.expert.format(i=i, e=e * G + g, proj=t.proj[p])
-                    block.append(OutputTensor(TensorMeta(name, shapes[p], dtype),
-                                              lambda e=e, g=g, p=p: child_tensor(i, e, g, p),
-                                              **child_rows(i, e, g, p)))
-        return block
-    pairs = [(e, g) for e in range(n) for g in range(G)]
-    block.append(OutputTensor(TensorMeta(t.fused_gate_up.format(i=i), (n * G, 2 * child, hidden), dtype),
-                              lambda: (torch.cat([child_tensor(i, e, g, "gate"), child_tensor(i, e, g, "up")])[None]
-                                       for e, g in pairs)))
-    block.append(OutputTensor(TensorMeta(t.fused_down.format(i=i), (n * G, hidden, child), dtype),
-                              lambda: (child_tensor(i, e, g, "down")[None] for e, g in pairs)))
-    return block
+    # child c = e·G + g is slice g of parent e
+    return block + t.experts.emit(i, n * G, child, hidden, dtype, lambda c, p: child_tensor(i, *divmod(c, G), p),
+                                  copy=lambda c, p: child_rows(i, *divmod(c, G), p))

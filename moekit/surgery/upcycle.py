@@ -17,9 +17,9 @@ import torch
 from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import MoekitError, UsageError
 from moekit.inspect import describe
+from moekit.layouts import PROJS
 from moekit.surgery.requirements import check_dense
-from moekit.targets import (DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, PROJS, TARGETS, WHY_NOT,
-                            Target)
+from moekit.targets import DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, TARGETS, WHY_NOT, Target
 
 
 @dataclass(frozen=True)
@@ -274,31 +274,18 @@ def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, verbatim, rows
     block = [OutputTensor(meta(t.router, n, hidden), lambda: rows.to(dtype))]
     if t.router_bias:  # selection bias starts at zero; kept in fp32 as DeepSeek-V3 does
         block.append(OutputTensor(meta(t.router_bias, n, dt=torch.float32), lambda: torch.zeros(n)))
-    if t.expert:
-        for e in range(n):
-            for p in PROJS:
-                shape = (hidden, d_ff) if p == "down" else (d_ff, hidden)
-                name = t.expert.format(i=i, e=e, proj=t.proj[p])
-                block.append(OutputTensor(TensorMeta(name, shape, dtype), lambda e=e, p=p: ffn(i, p, e),
-                                          copy_of=verbatim(i, p, e)))
-    else:  # fused per layer: written expert by expert, so memory stays at one expert
-        block.append(OutputTensor(meta(t.fused_gate_up, n, 2 * d_ff, hidden),
-                                  lambda: (torch.cat([ffn(i, "gate", e), ffn(i, "up", e)])[None] for e in range(n))))
-        block.append(OutputTensor(meta(t.fused_down, n, hidden, d_ff), lambda: (ffn(i, "down", e)[None] for e in range(n))))
+    block += t.experts.emit(i, n, d_ff, hidden, dtype, lambda e, p: ffn(i, p, e),
+                            copy=lambda e, p: {"copy_of": verbatim(i, p, e)})
     if shared and t.shared:  # shared experts: the dense FFN's gate/up, zero down_proj → zero output
         width = d_ff * shared
-        for p in PROJS:
-            shape = (hidden, width) if p == "down" else (width, hidden)
-            produce = (lambda s=shape: torch.zeros(s, dtype=dtype)) if p == "down" else (
-                lambda p=p: ffn(i, p).repeat(shared, 1))
-            block.append(OutputTensor(meta(t.shared.format(i="{i}", proj=t.proj[p]), *shape), produce))
+
+        def shared_weight(_, p: str) -> torch.Tensor:
+            return torch.zeros((hidden, width), dtype=dtype) if p == "down" else ffn(i, p).repeat(shared, 1)
+
+        block += t.shared.emit(i, 1, width, hidden, dtype, shared_weight)
         if t.shared_gate:  # not zero: llama.cpp computes this sigmoid as silu(x)/x, NaN at x = 0; the zero
             # down projection keeps the shared output at zero whatever the gate says
             block.append(OutputTensor(meta(t.shared_gate, 1, hidden), lambda: shared_gate_row.to(dtype)))
-    if shared and t.shared_fused:
-        gate_up, down = t.shared_fused
-        block.append(OutputTensor(meta(gate_up, 2 * d_ff, hidden), lambda: torch.cat([ffn(i, "gate"), ffn(i, "up")])))
-        block.append(OutputTensor(meta(down, hidden, d_ff), lambda: torch.zeros(hidden, d_ff, dtype=dtype)))
     return block
 
 
