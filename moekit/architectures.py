@@ -9,7 +9,12 @@ live in `moekit.targets`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moekit.checkpoint import TensorMeta
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,19 @@ MOE_CONFIG: dict[str, MoEConfigFields] = {
 
 # Dense families moekit does surgery on, all with a SwiGLU `mlp.{gate,up,down}_proj` FFN.
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite")
+
+
+# Tensor names: a layer's, a shared expert's, a routed expert's (per-expert or fused Granite keys).
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+SHARED = re.compile(r"shared_expert|shared_mlp")
+ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(?:input|output)_linear\.")
+
+
+def holds_routed_experts(tensors: dict[str, TensorMeta]) -> bool:
+    """True for an MoE checkpoint: a layer holds routed (not shared) expert weights. The same test
+    as `moekit inspect`'s kind, from tensor headers alone."""
+    return any(LAYER.search(name) and not SHARED.search(name) and ROUTED.search(name) and meta.numel
+               for name, meta in tensors.items())
 
 
 def read_field(config: dict, field: str | tuple[str, ...] | None):

@@ -10,13 +10,13 @@ import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import NamedTuple
 
 import torch
 
+from moekit.architectures import holds_routed_experts
 from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import MoekitError, UsageError
-from moekit.inspect import describe
 from moekit.layouts import PROJS
 from moekit.surgery.requirements import check_dense
 from moekit.targets import DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, TARGETS, WHY_NOT, Target
@@ -171,14 +171,23 @@ def perturb(w: torch.Tensor, proj: str, noise: float, drop: float, gen_seed: int
     return w
 
 
-def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, shared: int | None = None,
-                 moe_layers_spec: str = "all", router_init: str = "random",
-                 data_rows: Callable[[list[int]], dict[int, torch.Tensor]] | None = None,
-                 noise: float = 0.0, drop: float = 0.0, expert_sources: list[Checkpoint] = (),
-                 dtype: torch.dtype | None = None, seed: int = 0, routing: str = "renormalised") -> UpcyclePlan:
+class UpcycleShape(NamedTuple):
+    """What the checks of an upcycle settle before any tensor is read."""
+
+    target: Target
+    shared: int  # shared experts
+    moe_layers: list[int]
+    d_ff: int  # the dense FFN's width: every expert's
+    config: dict  # the output's
+
+
+def check_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, shared: int | None = None,
+                  moe_layers_spec: str = "all", noise: float = 0.0, drop: float = 0.0,
+                  expert_sources: list[Checkpoint] = (), routing: str = "renormalised") -> UpcycleShape:
+    """Every check of `plan_upcycle` (the same arguments), from config and tensor headers alone: a job
+    calls it first when it needs the MoE layers for forward passes (data-driven router rows)."""
     parent = ckpt.config
-    report = describe(ckpt)
-    if report["kind"] == "moe":
+    if holds_routed_experts(ckpt.tensors):
         raise MoekitError(f"{ckpt.path} is already an MoE model; use split-granularity or add-experts")
     target = choose_target(parent.get("model_type", "unknown"), target_name)
     check_routing(target, routing)
@@ -197,16 +206,24 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
     if expert_sources and len(expert_sources) != n:
         raise UsageError(f"--expert-sources gives {len(expert_sources)} models for {n} experts; give one per expert")
 
-    n_layers = parent["num_hidden_layers"]
-    moe_layers = parse_layers(moe_layers_spec, n_layers)
+    moe_layers = parse_layers(moe_layers_spec, parent["num_hidden_layers"])
     d_ff = ckpt.meta(DENSE_FFN.format(i=0, proj="up")).shape[0]
-    hidden = parent["hidden_size"]
     config = build_config(parent, target, n, k, shared, d_ff, moe_layers, routing)
     for src in expert_sources:
         _check_same_ffn(ckpt, src, moe_layers)
-    # Data-driven rows need forward passes: only once every option is known to be valid.
-    rows_by_layer = data_rows(moe_layers) if data_rows else {}
+    return UpcycleShape(target, shared, moe_layers, d_ff, config)
 
+
+def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, shared: int | None = None,
+                 moe_layers_spec: str = "all", router_init: str = "random", rows: dict[int, torch.Tensor] | None = None,
+                 noise: float = 0.0, drop: float = 0.0, expert_sources: list[Checkpoint] = (),
+                 dtype: torch.dtype | None = None, seed: int = 0, routing: str = "renormalised") -> UpcyclePlan:
+    """The upcycled model's tensors and config; `rows`: data-driven router rows per MoE layer (from
+    `moekit.surgery.router_init`), else rows of the data-free `router_init`."""
+    target, shared, moe_layers, d_ff, config = check_upcycle(
+        ckpt, target_name, n, k, shared=shared, moe_layers_spec=moe_layers_spec, noise=noise, drop=drop,
+        expert_sources=expert_sources, routing=routing)
+    parent, hidden = ckpt.config, ckpt.config["hidden_size"]
     out_dtype = dtype or next(iter(ckpt.tensors.values())).dtype
     down_scale = softmax_topk_scale(n, k) if routing == "softmax-topk" else 1.0
     exact, notes = not (noise or drop), []
@@ -253,8 +270,8 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
         if meta.name != DENSE_FFN.format(i=i, proj="gate"):  # each layer's block is emitted once, at its gate
             continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        rows = rows_by_layer[i] if data_rows else router_rows(router_init, n, hidden, gen, std)
-        outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, verbatim, rows,
+        layer_rows = rows[i] if rows is not None else router_rows(router_init, n, hidden, gen, std)
+        outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, verbatim, layer_rows,
                               shared_gate_row=torch.randn(1, hidden, generator=gen) * std)
         layers.append({"layer": i, "experts": n, "top_k": k, "shared_experts": shared, "router_init": router_init,
                        "routing": routing, "down_proj_scale": down_scale,
