@@ -10,6 +10,7 @@ import torch
 from moekit.checkpoint import open_checkpoint
 from moekit.targets import TARGETS
 from tests.conftest import run_moekit
+from tests.families import UNGROUPED
 from tests.test_upcycle import load
 from tests.tiny import with_char_tokenizer
 
@@ -22,7 +23,7 @@ def expert_weight(ckpt, target, layer, e, proj="down"):
     return TARGETS[target].experts.read(ckpt.load, layer, e, proj)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "granitemoe"])
+@pytest.mark.parametrize("family", UNGROUPED)
 def test_new_experts_are_appended_and_old_ones_untouched(tiny_models, tmp_path, family):
     src, out = tiny_models(family), tmp_path / "grown"
     summary = grow(src, out, "-m", "2", "--copy-from", "1", "--drift-tokens", "256")

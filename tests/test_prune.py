@@ -16,10 +16,11 @@ from moekit.layouts import PROJS
 from moekit.targets import TARGETS
 from tests import tiny
 from tests.conftest import run_moekit
+from tests.families import READ
 from tests.test_upcycle import load, max_rel_error
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-FAMILIES = list(TARGETS)  # every MoE layout moekit reads
+FAMILIES = READ  # every MoE layout moekit reads
 N, KEEP, REMOVED = 8, 4, (1, 2, 5, 6)  # two from each half: DeepSeek-V3's two groups keep two each
 # Scores that read expert outputs need 5.x's fused experts; 4.57 scores by routing counts.
 METHOD = "reap" if TRANSFORMERS_5 else "frequency"

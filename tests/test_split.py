@@ -10,17 +10,16 @@ import torch
 
 from moekit.targets import TARGETS
 from tests.conftest import run_moekit
+from tests.families import UNGROUPED
 from tests.test_upcycle import max_rel_error, upcycle
-
-# MoE models as transformers itself builds them: trained-looking (distinct) experts and routers.
-NATIVE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "glm4_moe", "granitemoe"]
 
 
 def split(src, out, *args):
     return run_moekit("split-granularity", str(src), str(out), *args, check=True)
 
 
-@pytest.mark.parametrize("family", NATIVE)
+# MoE models as transformers itself builds them: trained-looking (distinct) experts and routers.
+@pytest.mark.parametrize("family", UNGROUPED)
 @pytest.mark.parametrize("method", ["contiguous", "random", "kmeans"])
 def test_split_of_native_moe_is_exact(tiny_models, tmp_path, family, method):
     src, out = tiny_models(family), tmp_path / "fine"

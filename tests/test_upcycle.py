@@ -9,8 +9,7 @@ import torch
 
 from moekit.targets import TARGETS
 from tests.conftest import run_moekit
-
-PAIRS = [(parent, t.model_type) for t in TARGETS.values() for parent in t.parents]
+from tests.families import PAIRS
 
 
 def load(path, **kw):
