@@ -53,7 +53,7 @@ def balance_command(
     from moekit.checkpoint.writer import check_target
     from moekit.hf import load_model, load_tokenizer
     from moekit.profile import Domain, find_moe_layers, profile, token_rows
-    from moekit.surgery.router_init import builtin_calibration_text, read_text_file
+    from moekit.data.text import calibration_texts, read_texts
 
     where, torch_dtype = run_settings(device, dtype, seq_len, max_tokens)
     ckpt = open_checkpoint(model)
@@ -61,12 +61,12 @@ def balance_command(
     check_target(output, [ckpt.path], overwrite)  # before minutes of calibration, not after
     tokenizer = load_tokenizer(model)
     what = str(data) if data else "the built-in sample"
-    rows = token_rows(read_text_file(data) if data else builtin_calibration_text(), tokenizer, seq_len, max_tokens, what)
+    rows = token_rows(calibration_texts(data), tokenizer, seq_len, max_tokens, what)
     # Shuffled (seeded): consecutive sequences come from the same document, and a bias that
     # chases one document per batch does not balance the whole text.
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     if eval_data:
-        held = token_rows(read_text_file(eval_data), tokenizer, seq_len, max_tokens, str(eval_data))
+        held = token_rows(read_texts(eval_data), tokenizer, seq_len, max_tokens, str(eval_data))
     elif len(rows) < 2:
         raise MoekitError(f"{what}: one sequence of {seq_len} tokens; calibration and held-out text need two (or give --eval-data)")
     else:
