@@ -8,6 +8,7 @@ from rich.table import Table
 
 from moekit.commands.common import JsonOpt, OutputArg, OverwriteOpt, byte_progress, err, handle_errors, out, print_json, warn
 from moekit.commands.profile import BatchOpt, DeviceArgOpt, ModelArg, RunDtypeOpt, SeqLenOpt, batch_progress, run_settings
+from moekit.data import FORMATS as TEXT_FORMATS
 from moekit.errors import MoekitError
 
 TARGET = 0.05  # DeepSeek's loss-free balancing reaches MaxVio_global ≈ 0.04
@@ -17,11 +18,11 @@ TARGET = 0.05  # DeepSeek's loss-free balancing reaches MaxVio_global ≈ 0.04
 def balance_command(
     model: ModelArg,
     output: OutputArg,
-    data: Annotated[Optional[Path], typer.Option(help="Calibration text (.txt, or .jsonl with a \"text\" field). [default: built-in sample of real English text]", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option(help=f"Calibration text: {TEXT_FORMATS}. [default: built-in sample of real English text]", show_default=False)] = None,
     rate: Annotated[float, typer.Option(min=1e-9, help="Bias update speed u in b_i += u·sign(c̄ − c_i).")] = 1e-3,
     steps: Annotated[int, typer.Option(min=1, help="Bias updates, one per batch (the calibration batches repeat when fewer).")] = 300,
     fixed_rate: Annotated[bool, typer.Option("--fixed-rate", help="Every step is --rate (DeepSeek's rule as published). Default: --rate is the largest step; an expert's step halves when its direction flips, so saturated sigmoid routers settle too.")] = False,
-    eval_data: Annotated[Optional[Path], typer.Option(help="Held-out text for MaxVio before and after. [default: a random quarter of --data's sequences]", show_default=False)] = None,
+    eval_data: Annotated[Optional[Path], typer.Option(help=f"Held-out text for MaxVio before and after: {TEXT_FORMATS}. [default: a random quarter of --data's sequences]", show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens of --data (and of --eval-data) to use.")] = 65536,
     batch_size: BatchOpt = 4,
     seq_len: SeqLenOpt = 256,
