@@ -150,7 +150,6 @@ def test_builtin_calibration_text():
         assert words.count(common) > 20  # English prose, not code
     assert not any(t.startswith(">>>") for t in texts)
     assert dt.builtin_calibration_text(50_000) == texts  # deterministic
-    assert dt.calibration_texts(None) == dt.builtin_calibration_text()
 
 
 # --------------------------------------------------------------------------- packing, by hand
