@@ -27,7 +27,7 @@ import re
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,6 +39,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from moekit.architectures import MOE_CONFIG, SOFTMAX_RENORM, Routing, read_field
 from moekit.balance import bias_state, bias_step
 from moekit.errors import MoekitError, UsageError
+from moekit.options import TrainOptions
 from moekit.profile import aux_loss, dropped_slots, max_vio, router_probs
 from moekit.surgery.grow import select_experts
 
@@ -815,36 +816,6 @@ SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_lr",
 BALANCE_MODES = ("global", "micro")
 
 
-@dataclass
-class TrainOptions:
-    steps: int = 100
-    lr: float = 1e-4
-    lr_schedule: str = "constant"  # constant | cosine | wsd (warm-up, stable, decay), all after warmup_steps
-    min_lr_ratio: float = 0.1  # the floor of cosine and wsd, as a share of lr
-    decay_share: float = 0.2  # wsd: the share of the steps that decays
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 512
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # 0: no clipping
-    kd_weight: float = 0.0
-    aux_loss_coef: float = 0.0
-    balance: str = "global"  # global (Qwen) | micro: where the Switch loss's f comes from
-    z_loss_coef: float = 0.0
-    bias_update_rate: float = 1e-3
-    bias_update: str = "fixed"  # fixed (DeepSeek) | adaptive (Rprop steps, as `moekit balance`)
-    replay_ratio: float = 0.25
-    eval_share: float = 0.0  # rows of the training text held out for evaluation (without eval rows given)
-    eval_every: int = 50
-    save_every: int = 0  # checkpoint every N steps (0: none)
-    gradient_checkpointing: bool = False
-    experts_implementation: str = "grouped_mm"  # transformers 5.x: grouped_mm | batched_mm | eager
-    seed: int = 0
-    log_every: int = 10
-    device: str = "auto"  # auto: what accelerate picks (every GPU under `accelerate launch`); cpu
-
-
 def hold_out(rows: list[list[int]], share: float, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     """(training rows, held-out rows): `share` of the rows, at least one, drawn by `seed`."""
     k = max(1, round(len(rows) * share))
@@ -1061,7 +1032,7 @@ def save_trained(model, ckpt, output: Path, *, overwrite: bool, opts: TrainOptio
         return t.to("cpu", meta.dtype)
 
     outputs = [OutputTensor(m, partial(produce, m)) for m in ckpt.tensors.values()]
-    options = {**asdict(opts), "freeze": "manifest" if manifest else "none", **record}
+    options = {**opts.model_dump(), "freeze": "manifest" if manifest else "none", **record}
     layers = [{"moe_layers": manifest.get("moe_layers", {})}] if manifest else []
     result = write_model(
         output, ckpt, outputs, config=ckpt.config, operation="train", options=options, layers=layers,
