@@ -379,27 +379,44 @@ def load_options(model: type[BaseModel], recipe: Path | None, given: dict) -> Ba
     try:
         return model(**data)
     except ValidationError as e:
-        raise UsageError(first_problem(e, model, given, recipe)) from None
+        raise UsageError(options_problem(e, model, given, recipe)) from None
 
 
-def first_problem(e: ValidationError, model: type[BaseModel], given: dict, recipe: Path | None) -> str:
+def first_problem(e: ValidationError) -> str:
+    """pydantic's first complaint as `field: what is wrong, got VALUE`."""
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "options"
+    given = "" if first["type"] == "missing" else f", got {first.get('input')!r}"
+    return f"{where}: {first['msg']}{given}"
+
+
+def options_problem(e: ValidationError, model: type[BaseModel], given: dict, recipe: Path | None) -> str:
     """pydantic's first complaint in the words of where the value came from: `--flag: what is wrong,
     got VALUE` for a flag, `field: ... (in recipe R)` for a recipe's field."""
-    first = e.errors()[0]
-    name = first["loc"][0] if first["loc"] else None
-    field = model.model_fields.get(name) if isinstance(name, str) else None
-    what = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+    first = min(e.errors(), key=lambda error: cli_order(model, error["loc"]))
     in_recipe = f" (in recipe {recipe})" if recipe else ""
-    if field is None:  # the options as a whole: the validator's message names the flags
+    what = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+    if not first["loc"]:  # the options as a whole: the validator's message names the flags
         return what + in_recipe
-    flag = (f"argument {name.upper()}" if position(field) is not None else f"option {flag_names(name, field)[0]}")
-    if first["type"] == "missing":
-        return f"missing {flag}" + (f" (not in recipe {recipe} either)" if recipe else "")
+    name, field = first["loc"][0], model.model_fields.get(first["loc"][0])
+    if field is not None and first["type"] == "missing":
+        wanted = f"argument {name.upper()}" if position(field) is not None else f"option {flag_names(name, field)[0]}"
+        return f"missing {wanted}" + (f" (not in recipe {recipe} either)" if recipe else "")
     if first["type"] != "value_error":  # a validator's own message already shows the value
         what += f", got {first.get('input')!r}"
-    if name in given:
-        return f"{flag.split()[-1]}: {what}"
+    if field is not None and name in given:
+        where = name.upper() if position(field) is not None else flag_names(name, field)[0]
+        return f"{where}: {what}"
     return ".".join(str(p) for p in first["loc"]) + f": {what}{in_recipe}"
+
+
+def cli_order(model: type[BaseModel], loc: tuple) -> tuple[int, int]:
+    """Where a field comes in the verb's usage: arguments in order, then flags as --help lists them."""
+    fields = list(cli_fields(model))
+    if not loc or loc[0] not in fields:
+        return (2, 0)
+    at = position(model.model_fields[loc[0]])
+    return (0, at) if at is not None else (1, fields.index(loc[0]))
 
 
 def read_recipe(recipe: Path) -> dict:
