@@ -953,15 +953,16 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     summary = {
         "steps": trainer.state.global_step, "tokens": trainer.state.global_step * tokens_per_step,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
-        "trainable params": freeze.trainable_params, "frozen params": freeze.frozen_params,
-        "gradient-masked tensors": len(freeze.masked_tensors), "first loss": logs[0]["loss"] if logs else None,
-        "last loss": logs[-1]["loss"] if logs else None,
-        "first eval loss": evals[0]["eval_loss"] if evals else None, "last eval loss": evals[-1]["eval_loss"] if evals else None,
-        "maxvio_batch last": stats.last.get("maxvio_batch") if stats else None,
-        "experts": experts, "lr schedule": opts.lr_schedule, "balance": opts.balance if opts.aux_loss_coef else None,
-        "gradient checkpointing": opts.gradient_checkpointing,
-        "peak memory GiB": round(torch.cuda.max_memory_allocated(args.device) / 2**30, 2) if cuda else None,
-        "resumed from": last, "devices": f"{args.world_size} x {args.device.type}"}
+        "trainable_params": freeze.trainable_params, "frozen_params": freeze.frozen_params,
+        "gradient_masked_tensors": len(freeze.masked_tensors), "first_loss": logs[0]["loss"] if logs else None,
+        "last_loss": logs[-1]["loss"] if logs else None,
+        "first_eval_loss": evals[0]["eval_loss"] if evals else None,
+        "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "last_maxvio_batch": stats.last.get("maxvio_batch") if stats else None,
+        "experts": experts, "lr_schedule": opts.lr_schedule, "balance": opts.balance if opts.aux_loss_coef else None,
+        "gradient_checkpointing": opts.gradient_checkpointing,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(args.device) / 2**30, 2) if cuda else None,
+        "resumed_from": last, "devices": f"{args.world_size} x {args.device.type}"}
     if trainer.is_world_process_zero():
         curve = {"train": logs, "eval": evals}
         written = save_trained(model, ckpt, output, overwrite=overwrite, opts=opts, manifest=manifest,

@@ -32,13 +32,15 @@ def train_command(opts: TrainRunOptions) -> None:
         accelerate launch -m moekit train ./big-moe ./out --data corpus.parquet --batch-size 4
     """
     from moekit.hf import load_tokenizer
-    from moekit.training import check_run, checkpoint_folder, last_checkpoint, load_text_rows, read_manifest, train_model
+    from moekit.training import (check_run, checkpoint_folder, last_checkpoint, load_text_rows, read_manifest,
+                                 train_model)
 
     # Everything that can be wrong with the options fails now, before minutes of loading.
     for path in (opts.data, opts.replay, opts.eval_data):
         if path is not None and not path.is_file():
             raise MoekitError(f"{path}: no such data file")
-    manifest = None if opts.freeze == "none" else read_manifest(opts.model if opts.freeze == "manifest" else opts.freeze)
+    manifest = (None if opts.freeze == "none"
+                else read_manifest(opts.model if opts.freeze == "manifest" else opts.freeze))
     check_run(opts.model, opts.output, manifest, opts.overwrite)
     if opts.resume:
         last_checkpoint(checkpoint_folder(opts.output, opts.checkpoint_dir))
@@ -63,7 +65,8 @@ def train_command(opts: TrainRunOptions) -> None:
                                                   "drop_rate_cf1", "learning_rate") if k in logs]
         err.print("  ".join(parts), highlight=False)
 
-    summary = train_model(opts.model, opts.output, new_rows, replay_rows, manifest, opts.training(), eval_rows=eval_rows,
+    summary = train_model(opts.model, opts.output, new_rows, replay_rows, manifest, opts.training(),
+                          eval_rows=eval_rows,
                           checkpoints=opts.checkpoint_dir, resume=opts.resume, overwrite=opts.overwrite, on_log=show,
                           record={"data": str(opts.data), "replay": str(opts.replay) if opts.replay else None,
                                   "freeze": opts.freeze, "eval_data": str(opts.eval_data) if opts.eval_data else None})
@@ -73,8 +76,8 @@ def train_command(opts: TrainRunOptions) -> None:
         print_json(summary)
     else:
         err.print(f"[green]wrote[/] {summary['output']}: {summary['steps']} steps, {summary['tokens']:,} tokens on "
-                  f"{summary['devices']} in {summary['train_seconds']} s; {summary['trainable params']:,} weights trained, "
-                  f"{summary['frozen params']:,} frozen; experts {summary['experts']}"
-                  + (f"; peak {summary['peak memory GiB']} GiB" if summary["peak memory GiB"] else "")
-                  + (f"; held-out loss {summary['first eval loss']:.4f} -> {summary['last eval loss']:.4f}"
-                     if summary["last eval loss"] is not None else ""), highlight=False)
+                  f"{summary['devices']} in {summary['train_seconds']} s; {summary['trainable_params']:,} weights "
+                  f"trained, {summary['frozen_params']:,} frozen; experts {summary['experts']}"
+                  + (f"; peak {summary['peak_memory_gib']} GiB" if summary["peak_memory_gib"] else "")
+                  + (f"; held-out loss {summary['first_eval_loss']:.4f} -> {summary['last_eval_loss']:.4f}"
+                     if summary["last_eval_loss"] is not None else ""), highlight=False)
