@@ -272,7 +272,8 @@ class ProfileOptions(RunOptions, PickleOption):
 
 
 class BalanceOptions(RunOptions, OutputOptions, JsonOption):
-    data: Path | None = option(None, f"Calibration text ({TEXT_FORMATS}).", shown="built-in sample of real English text")
+    data: Path | None = option(None, f"Calibration text ({TEXT_FORMATS}).",
+                               shown="built-in sample of real English text")
     rate: float = option(1e-3, "Bias update speed u in b_i += u·sign(c̄ − c_i).", ge=1e-9)
     steps: int = option(300, "Bias updates, one per batch (the calibration batches repeat when fewer).", ge=1)
     fixed_rate: bool = option(False, "Every step is --rate (DeepSeek's rule as published). Default: --rate is the "
@@ -295,8 +296,9 @@ class TrainOptions(Options):
 
     steps: int = option(100, "Optimiser steps.", ge=1)
     lr: float = option(1e-4, "Peak learning rate (AdamW).", ge=0)
-    lr_schedule: Literal["constant", "cosine", "wsd"] = option("constant", "After the warm-up: constant, cosine (down to the floor) "
-                                                "or wsd (stable, then a cosine decay over --decay-share of the steps).")
+    lr_schedule: Literal["constant", "cosine", "wsd"] = option(
+        "constant", "After the warm-up: constant, cosine (down to the floor) or wsd (stable, then a cosine decay over "
+        "--decay-share of the steps).")
     min_lr_ratio: float = option(0.1, "Floor of cosine and wsd, as a share of --lr.", ge=0, le=1)
     decay_share: float = option(0.2, "wsd: share of the steps that decay.", ge=0, le=1)
     batch_size: int = option(8, "Rows per device per micro-batch.", ge=1)
@@ -322,8 +324,8 @@ class TrainOptions(Options):
     save_every: int = option(0, "Checkpoint every N steps (into --checkpoint-dir); 0: none.", ge=0)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: less memory, about a "
                                           "third more compute.")
-    experts_implementation: str = option("grouped_mm", "transformers 5.x fused experts: grouped_mm, batched_mm or eager "
-                                         "(bf16 under autocast either way); 4.x loops over expert modules.")
+    experts_implementation: str = option("grouped_mm", "transformers 5.x fused experts: grouped_mm, batched_mm or "
+                                         "eager (bf16 under autocast either way); 4.x loops over expert modules.")
     seed: int = option(0, "Seed of data order and replay sampling.")
     log_every: int = option(10, "Log losses, MaxVio and drop rates every N steps.", ge=1)
     device: str = option("auto", "auto (GPU(s) when present; every GPU under `accelerate launch`) or cpu.")

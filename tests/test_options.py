@@ -110,4 +110,5 @@ def test_a_bad_flag_names_the_flag_and_a_bad_recipe_value_names_the_key(tmp_path
     assert from_flag.returncode == 2 and from_flag.stderr.startswith("error: --tokens:")
     recipe.write_text("parent: a\nchild: b\ntokens: 0\n")
     in_recipe = run_moekit("verify", "--recipe", str(recipe))
-    assert in_recipe.returncode == 2 and in_recipe.stderr.startswith("error: tokens:") and str(recipe) in in_recipe.stderr
+    assert in_recipe.returncode == 2 and in_recipe.stderr.startswith("error: tokens:")
+    assert str(recipe) in in_recipe.stderr

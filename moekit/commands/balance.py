@@ -78,7 +78,8 @@ def balance_command(opts: BalanceOptions) -> None:
                "maxvio_global_after": after["total"]["maxvio_global"],
                "worst_layer_before": max(x["maxvio_before"] for x in layers),
                "worst_layer_after": max(x["maxvio_after"] for x in layers),
-               "steps": opts.steps, "rate": opts.rate, "calibration_tokens": rows.numel(), "held_out_tokens": held.numel()}
+               "steps": opts.steps, "rate": opts.rate, "calibration_tokens": rows.numel(),
+               "held_out_tokens": held.numel()}
     options = {"data": str(opts.data) if opts.data else "built-in sample",
                "eval_data": str(opts.eval_data) if opts.eval_data else None, "rate": opts.rate, "steps": opts.steps,
                "fixed_rate": opts.fixed_rate, "max_tokens": opts.max_tokens, "batch_size": opts.batch_size,

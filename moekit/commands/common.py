@@ -110,7 +110,8 @@ def errors_as_exits():
     except Exception as e:
         if os.environ.get("MOEKIT_DEBUG"):
             raise
-        raise fail(f"internal error: {type(e).__name__}: {e} (MOEKIT_DEBUG=1 shows the traceback)", EXIT_INTERNAL) from None
+        raise fail(f"internal error: {type(e).__name__}: {e} (MOEKIT_DEBUG=1 shows the traceback)",
+                   EXIT_INTERNAL) from None
 
 
 @contextmanager
@@ -157,7 +158,9 @@ def run_settings(device: str, dtype: str):
     if where.type == "cuda" and distributed_rank()[1] > 1:
         where = resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
         torch.cuda.set_device(where)
-    return where, torch.bfloat16 if dtype == "auto" and where.type == "cuda" else parse_dtype("fp32" if dtype == "auto" else dtype)
+    if dtype == "auto":
+        return where, torch.bfloat16 if where.type == "cuda" else torch.float32
+    return where, parse_dtype(dtype)
 
 
 def written(result) -> dict:

@@ -57,7 +57,8 @@ def verify_command(opts: VerifyOptions) -> None:
         result = compare_models(parent_model, child_model, batches)
 
     if opts.prompt is not None:
-        texts = greedy_continuations(parent_model, child_model, load_tokenizer(opts.parent), opts.prompt, opts.new_tokens)
+        tokenizer = load_tokenizer(opts.parent)
+        texts = greedy_continuations(parent_model, child_model, tokenizer, opts.prompt, opts.new_tokens)
         result.update(prompt=opts.prompt, parent_generation=texts[0], child_generation=texts[1],
                       same_generation=texts[0] == texts[1])
     report = {"parent": opts.parent, "child": opts.child,
