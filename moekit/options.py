@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from moekit.data import FORMATS as TEXT_FORMATS
 from moekit.errors import UsageError, check_utf8, one_line
 
 
@@ -63,7 +64,6 @@ SOURCE_HELP = "Model folder, .gguf file, or a built-in name (smollm2-135m)."
 MOE_MODEL_HELP = "MoE model folder (any MoE family transformers loads)."
 BATCH_HELP = "Sequences per forward pass (one batch for MaxVio_batch, local balance loss and capacity)."
 SEQ_LEN_HELP = "Tokens per sequence."
-TEXT_FORMATS = '.txt, or .jsonl with a "text" field'
 
 
 class JsonOption(Options):
@@ -99,7 +99,7 @@ class WriteOptions(OutputOptions, PickleOption, JsonOption):
 class SurgeryOptions(WriteOptions):
     """What every surgery takes besides: calibration text and the forward passes on it."""
 
-    calibration: Path | None = option(None, f"Calibration text ({TEXT_FORMATS}).", shown="built-in sample of real text")
+    calibration: Path | None = option(None, f"Calibration text: {TEXT_FORMATS}.", shown="built-in sample of real text")
     calibration_tokens: int = option(8192, "Tokens of calibration text to use.", gt=0)
     seed: int = option(0, "Seed of every random choice.")
     device: str = option("auto", "Device for forward passes on calibration text: auto, cpu, cuda.")
@@ -136,8 +136,10 @@ class UpcycleOptions(SurgeryOptions):
                                      "at init with a zero router, down_proj × N/K).")
     router_init: RouterInit | None = option(None, "random | uniform | zero | kmeans | prompts.",
                                             shown="random; zero with --routing softmax-topk")
-    prompts: list[Path] = option([], "One prompt file per expert for --router-init prompts (repeat the flag).")
-    negative_prompts: Path | None = option(None, "Prompts no expert should prefer (with --router-init prompts).")
+    prompts: list[Path] = option([], "One prompt file per expert for --router-init prompts (repeat the flag): "
+                                 f"{TEXT_FORMATS}, a prompt each.")
+    negative_prompts: Path | None = option(None, "Prompts no expert should prefer (with --router-init prompts): "
+                                           f"{TEXT_FORMATS}, a prompt each.")
     noise: float = option(0.0, "Relative Gaussian noise σ on expert weights (breaks exactness).", ge=0)
     drop_upcycling: float = option(0.0, "Re-draw this ratio of each expert's neurons (Drop-Upcycling; breaks "
                                    "exactness).", ge=0, lt=1)
@@ -208,8 +210,8 @@ class PruneOptions(SurgeryOptions):
 class VerifyOptions(PickleOption, JsonOption):
     parent: str = argument(SOURCE_HELP, 0)
     child: str = argument(SOURCE_HELP, 1)
-    data: Path | None = option(None, f"Compare on this text ({TEXT_FORMATS}), tokenised by PARENT's tokenizer.",
-                               shown="random token ids")
+    data: Path | None = option(None, f"Compare on this text, tokenised by PARENT's tokenizer: {TEXT_FORMATS} (a .txt "
+                               "is compared as it is, not in paragraphs).", shown="random token ids")
     tokens: int = option(4096, "Token positions to compare.", ge=1)
     batch: int = option(8, "Sequences per forward pass.", ge=1)
     seq_len: int = option(256, SEQ_LEN_HELP, ge=1)
@@ -246,7 +248,7 @@ class RunOptions(Options):
 
 
 class ProfileOptions(RunOptions, PickleOption):
-    data: list[Path] = option([], f"Text file ({TEXT_FORMATS}); repeat for several domains.",
+    data: list[Path] = option([], f"Text file: {TEXT_FORMATS}; repeat for several domains.",
                               shown="built-in sample of real English text")
     max_tokens: int = option(65536, "Tokens per domain (whole sequences of --seq-len).", ge=1)
     batch_size: int = option(8, BATCH_HELP, ge=1)
@@ -272,14 +274,13 @@ class ProfileOptions(RunOptions, PickleOption):
 
 
 class BalanceOptions(RunOptions, OutputOptions, JsonOption):
-    data: Path | None = option(None, f"Calibration text ({TEXT_FORMATS}).",
-                               shown="built-in sample of real English text")
+    data: Path | None = option(None, f"Calibration text: {TEXT_FORMATS}.", shown="built-in sample of real English text")
     rate: float = option(1e-3, "Bias update speed u in b_i += u·sign(c̄ − c_i).", ge=1e-9)
     steps: int = option(300, "Bias updates, one per batch (the calibration batches repeat when fewer).", ge=1)
     fixed_rate: bool = option(False, "Every step is --rate (DeepSeek's rule as published). Default: --rate is the "
                               "largest step; an expert's step halves when its direction flips, so saturated sigmoid "
                               "routers settle too.")
-    eval_data: Path | None = option(None, "Held-out text for MaxVio before and after.",
+    eval_data: Path | None = option(None, f"Held-out text for MaxVio before and after: {TEXT_FORMATS}.",
                                     shown="a random quarter of --data's sequences")
     max_tokens: int = option(65536, "Tokens of --data (and of --eval-data) to use.", ge=1)
     batch_size: int = option(4, BATCH_HELP, ge=1)
@@ -288,7 +289,6 @@ class BalanceOptions(RunOptions, OutputOptions, JsonOption):
 
 # --------------------------------------------------------------------------- train
 
-DATA_FORMATS = '.txt (paragraphs), .jsonl/.json or .parquet with a "text" column'
 
 
 class TrainOptions(Options):
@@ -349,13 +349,13 @@ class TrainRunOptions(TrainOptions, OutputOptions, JsonOption):
     """What `moekit train` takes: the files of the run and TrainOptions."""
 
     model: str = argument("MoE model folder (from `moekit add-experts`, or any safetensors MoE folder).", 0)
-    data: Path = option(..., f"New-domain text: {DATA_FORMATS}.")
-    replay: Path | None = option(None, "Old-domain text mixed in (same formats): with --kd-weight, distilled from the "
-                                 "old model (not LM-trained); without, trained on like --data.")
+    data: Path = option(..., f"New-domain text: {TEXT_FORMATS}.")
+    replay: Path | None = option(None, f"Old-domain text mixed in, {TEXT_FORMATS}. With --kd-weight, distilled from "
+                                 "the old model (not LM-trained); without, trained on like --data.")
     freeze: str = option("manifest", "manifest (MODEL's moekit.json), none (train everything), or a JSON file holding "
                          "a manifest.")
-    eval_data: Path | None = option(None, "Held-out text (same formats): its loss before training, every --eval-every "
-                                    "steps and at the end.")
+    eval_data: Path | None = option(None, f"Held-out text, {TEXT_FORMATS}: its loss before training, every "
+                                    "--eval-every steps and at the end.")
     checkpoint_dir: Path | None = option(None, "Where checkpoints go.", shown="OUTPUT.checkpoints")
     resume: bool = option(False, "Continue from the last checkpoint in --checkpoint-dir (same options).")
 

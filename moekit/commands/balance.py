@@ -35,7 +35,7 @@ def balance_command(opts: BalanceOptions) -> None:
     from moekit.checkpoint.writer import check_target
     from moekit.hf import load_model, load_tokenizer
     from moekit.profile import Domain, find_moe_layers, profile, token_rows
-    from moekit.surgery.router_init import builtin_calibration_text, read_text_file
+    from moekit.data.text import calibration_texts, read_texts
 
     where, torch_dtype = run_settings(opts.device, opts.dtype)
     ckpt = open_checkpoint(opts.model)
@@ -43,13 +43,12 @@ def balance_command(opts: BalanceOptions) -> None:
     check_target(opts.output, [ckpt.path], opts.overwrite)  # before minutes of calibration, not after
     tokenizer = load_tokenizer(opts.model)
     what = str(opts.data) if opts.data else "the built-in sample"
-    text = read_text_file(opts.data) if opts.data else builtin_calibration_text()
-    rows = token_rows(text, tokenizer, opts.seq_len, opts.max_tokens, what)
+    rows = token_rows(calibration_texts(opts.data), tokenizer, opts.seq_len, opts.max_tokens, what)
     # Shuffled (seeded): consecutive sequences come from the same document, and a bias that
     # chases one document per batch does not balance the whole text.
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     if opts.eval_data:
-        held = token_rows(read_text_file(opts.eval_data), tokenizer, opts.seq_len, opts.max_tokens, str(opts.eval_data))
+        held = token_rows(read_texts(opts.eval_data), tokenizer, opts.seq_len, opts.max_tokens, str(opts.eval_data))
     elif len(rows) < 2:
         raise MoekitError(f"{what}: one sequence of {opts.seq_len} tokens; calibration and held-out text need two "
                           "(or give --eval-data)")
