@@ -136,7 +136,8 @@ class Fused(ExpertLayout):
         if not self.expert_axis:
             return [OutputTensor(TensorMeta(gate_up, gate_up_shape, dtype), lambda: gate_up_of(0)),
                     OutputTensor(TensorMeta(down, down_shape, dtype), lambda: weight(0, "down"))]
-        return [OutputTensor(TensorMeta(gate_up, gate_up_shape, dtype), lambda: (gate_up_of(e)[None] for e in range(n))),
+        return [OutputTensor(TensorMeta(gate_up, gate_up_shape, dtype),
+                             lambda: (gate_up_of(e)[None] for e in range(n))),
                 OutputTensor(TensorMeta(down, down_shape, dtype), lambda: (weight(e, "down")[None] for e in range(n)))]
 
     def select(self, i, kept):
