@@ -15,6 +15,8 @@ PROJS = ("gate", "up", "down")  # moekit's names for a SwiGLU FFN's projections
 DENSE_FFN = "model.layers.{i}.mlp.{proj}_proj.weight"
 HF_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# q/k/v biases (name -> its size in ModelShape.size) of a target with `qkv_bias` whose parent has none
+QKV_BIAS = {f"model.layers.{{i}}.self_attn.{p}_proj.bias": size for p, size in (("q", "q"), ("k", "kv"), ("v", "kv"))}
 
 
 @dataclass(frozen=True)
@@ -56,13 +58,15 @@ TARGETS: dict[str, Target] = {t.model_type: t for t in [
            proj={"gate": "w1", "up": "w3", "down": "w2"},
            experts_fields=("num_local_experts",),
            parent_requires={"attention_bias": False, "mlp_bias": False}),
-    Target("qwen2_moe", "Qwen2MoeForCausalLM", SOFTMAX_TOPK, ("qwen2",),
+    # A Llama/Mistral parent has no q/k/v biases: the upcycle writes zero ones (QKV_BIAS), which add nothing.
+    Target("qwen2_moe", "Qwen2MoeForCausalLM", SOFTMAX_TOPK, ("qwen2", "llama", "mistral"),
            router=_ROUTER, expert=_EXPERTS,
            shared="model.layers.{i}.mlp.shared_expert.{proj}.weight",
            shared_gate="model.layers.{i}.mlp.shared_expert_gate.weight", shared_range=(1, 1),
            experts_fields=("num_experts",), width_field="moe_intermediate_size",
            shared_field="shared_expert_intermediate_size", shared_is_count=False, layer_fields="sparse_step",
-           config={"norm_topk_prob": True, "qkv_bias": True}, softmax_topk=True, untie=True),
+           config={"norm_topk_prob": True, "qkv_bias": True}, softmax_topk=True, untie=True,
+           parent_requires={"attention_bias": False, "mlp_bias": False}),
     Target("qwen3_moe", "Qwen3MoeForCausalLM", SOFTMAX_TOPK, ("qwen3",),
            router=_ROUTER, expert=_EXPERTS,
            experts_fields=("num_experts", "num_local_experts"), width_field="moe_intermediate_size",

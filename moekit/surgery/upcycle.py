@@ -19,8 +19,8 @@ from moekit.errors import MoekitError, UsageError
 from moekit.inspect import describe
 from moekit.pipeline import OutputTensor, passthrough
 from moekit.surgery.requirements import check_dense
-from moekit.targets import (DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, PROJS, TARGETS, WHY_NOT,
-                            Target)
+from moekit.targets import (DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, PROJS, QKV_BIAS, TARGETS,
+                            WHY_NOT, Target)
 
 
 @dataclass(frozen=True)
@@ -184,10 +184,13 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
         raise MoekitError(f"{ckpt.path} is already an MoE model; use split-granularity or add-experts")
     target = choose_target(parent.get("model_type", "unknown"), target_name)
     check_routing(target, routing)
-    check_dense(ckpt)  # every tensor the parent's architecture needs, in its config's shapes
+    shape = check_dense(ckpt)  # every tensor the parent's architecture needs, in its config's shapes
     for key, value in target.parent_requires.items():
         if parent.get(key, value) != value:
             raise UsageError(f"{target.model_type} cannot represent {key}={parent[key]} of the parent")
+    if parent.get("model_type") == "mistral" and parent.get("sliding_window") and target.model_type != "mixtral":
+        raise UsageError(f"{target.model_type} cannot represent the parent's sliding_window={parent['sliding_window']} "
+                         "(mixtral can)")
     if not 1 <= k <= n:
         raise UsageError(f"--top-k must be between 1 and --experts ({n}), got {k}")
     lo, hi = target.shared_range
@@ -262,6 +265,10 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
                        "routing": routing, "down_proj_scale": down_scale,
                        "expert_sources": [str(s.path) for s in expert_sources] or None,
                        "noise": noise, "drop_upcycling": drop})
+    if target.config.get("qkv_bias"):  # a parent without q/k/v biases (Llama): zero ones add nothing
+        outputs += [OutputTensor(TensorMeta(name.format(i=i), (shape.size(size),), out_dtype),
+                                 lambda size=size: torch.zeros(shape.size(size), dtype=out_dtype))
+                    for i in range(n_layers) for name, size in QKV_BIAS.items() if name.format(i=i) not in ckpt.tensors]
     if untie:  # runtimes that never tie (llama.cpp's qwen2moe, vLLM's GLM/FlexOlmo) get the head written out
         outputs.append(OutputTensor(TensorMeta(LM_HEAD, ckpt.meta(EMBED).shape, out_dtype),
                                     lambda: ckpt.load(EMBED, out_dtype),
