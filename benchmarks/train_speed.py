@@ -8,7 +8,7 @@ synchronisations in all, so the clock holds the GPU's work and nothing more):
 
 - dense_trainer_bf16: transformers `Trainer`, the dense model in bf16 weights, fused AdamW: the yardstick;
 - dense_trainer_bf16_nosync: the same without the Trainer's two host synchronisations per step (its NaN
-  filter and the blocking copy of each batch), the settings `moekit train` uses;
+  filter and the blocking copy of each batch), which `moekit train` tried on 2026-12-02 (slower: reverted);
 - moekit_dense: `moekit train --freeze none` on the dense model (fp32 master weights, bf16 autocast);
 - moekit_8x2: `moekit train --freeze none --aux-loss-coef 0.01` on the 8 × top-2 upcycle
   (`moekit upcycle DENSE MOE -n 8 -k 2`), experts through grouped_mm in bf16;

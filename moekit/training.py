@@ -890,10 +890,7 @@ def _training_args(opts: TrainOptions, folder: str, cuda: bool) -> TrainingArgum
         save_strategy="steps" if opts.save_every else "no", save_steps=opts.save_every or 500, save_total_limit=2,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, seed=opts.seed, data_seed=opts.seed,
-        disable_tqdm=True, dataloader_drop_last=True,
-        # No host synchronisation per step, so the CPU queues the next step while the GPU runs this one:
-        # the NaN filter reads every step's loss on the host, a blocking copy waits for the GPU.
-        logging_nan_inf_filter=False, **({"accelerator_config": {"non_blocking": True}} if cuda else {}))
+        disable_tqdm=True, dataloader_drop_last=True)
 
 
 def check_options(opts: TrainOptions) -> None:
