@@ -63,7 +63,6 @@ def run_add_experts(opts: AddExpertsOptions, progress: Progress | None = None) -
               "data distribution. `moekit.json` carries the freeze manifest (old experts, old router rows and the "
               "rest of the network frozen) that `moekit train` applies."),
         max_shard_size=parse_size(opts.max_shard_size), overwrite=opts.overwrite, progress=progress)
-    summary = {**summary, "output": str(result.path), "bytes": result.bytes_written, "seconds": round(result.seconds, 2)}
     if opts.drift_tokens:
         summary["drift"] = _drift(ckpt, result.path, opts, device)
     return result, summary
@@ -124,7 +123,7 @@ def _new_domain_states(ckpt: Checkpoint, opts: AddExpertsOptions, layers: list[i
 def _drift(ckpt: Checkpoint, output, opts: AddExpertsOptions, device) -> dict:
     """verify's numbers for the grown model against its source, on old-domain (built-in) text."""
     from moekit.hf import load_model, load_tokenizer
-    from moekit.surgery.router_init import builtin_calibration_text
+    from moekit.data.text import builtin_calibration_text
     from moekit.verify import compare_models, make_inputs, vocab_size
 
     parent, child = (load_model(p, torch.float32, device, allow_pickle=opts.allow_pickle)[0] for p in (ckpt.path, output))

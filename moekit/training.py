@@ -27,7 +27,7 @@ import re
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,7 +38,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from moekit.architectures import MOE_CONFIG, SOFTMAX_RENORM, Routing, read_field
 from moekit.balance import bias_state, bias_step
+from moekit.data.text import TRAINING, pack_text, read_texts, separator
 from moekit.errors import MoekitError, UsageError
+from moekit.options import TrainOptions
 from moekit.profile import aux_loss, max_vio, router_probs
 from moekit.surgery.grow import select_experts
 
@@ -750,34 +752,12 @@ class _LogTo(TrainerCallback):
 
 
 def load_text_rows(path: str | Path, tokenizer, seq_len: int) -> list[list[int]]:
-    """Token rows of exactly `seq_len` ids from a .txt (paragraphs), .jsonl/.json or .parquet file
-    (its "text" column), read with `datasets`; documents are joined with the EOS token between them
-    and cut into rows, so no padding is needed and no token is wasted but the last partial row."""
-    import datasets
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise MoekitError(f"{path}: no such data file")
-    builder, kw = {".jsonl": ("json", {}), ".json": ("json", {}), ".parquet": ("parquet", {})}.get(
-        path.suffix, ("text", {"sample_by": "paragraph"}))
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kw)
-    except Exception as e:  # datasets raises many types for unreadable files
-        raise MoekitError(f"{path}: cannot read it as {builder} data: {' '.join(str(e).split())[:300]}") from None
-    if "text" not in ds.column_names:
-        raise MoekitError(f"{path}: no \"text\" column (it has {', '.join(ds.column_names) or 'none'})")
-    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-
-    def pack(batch):
-        stream = [t for text in batch["text"] if text and text.strip()
-                  for t in [*tokenizer(text, add_special_tokens=False)["input_ids"], *([sep] if sep is not None else [])]]
-        return {"input_ids": [stream[s : s + seq_len] for s in range(0, len(stream) - seq_len + 1, seq_len)]}
-
-    packed = ds.map(pack, batched=True, batch_size=10_000, remove_columns=ds.column_names, keep_in_memory=True)
-    rows = packed["input_ids"] if len(packed) else []  # an empty result has no columns at all
+    """Token rows of exactly `seq_len` ids from a text file (`moekit.data.text`); documents are
+    joined with the EOS token between them and cut into rows, so no padding is needed."""
+    texts = read_texts(path, TRAINING)
+    rows = pack_text(texts, tokenizer, seq_len, separator=separator(tokenizer), min_last=seq_len, docs_per_pack=10_000)
     if not rows:
-        raise MoekitError(f"{path}: fewer than --seq-len {seq_len} tokens of text in it")
+        raise MoekitError(f"{Path(path).expanduser()}: fewer than --seq-len {seq_len} tokens of text in it")
     return rows
 
 
@@ -820,36 +800,6 @@ def mean_token_loss(model, rows: list[list[int]], batch_size: int = 8) -> float:
 
 SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_lr", "wsd": "warmup_stable_decay"}
 BALANCE_MODES = ("global", "micro")
-
-
-@dataclass
-class TrainOptions:
-    steps: int = 100
-    lr: float = 1e-4
-    lr_schedule: str = "constant"  # constant | cosine | wsd (warm-up, stable, decay), all after warmup_steps
-    min_lr_ratio: float = 0.1  # the floor of cosine and wsd, as a share of lr
-    decay_share: float = 0.2  # wsd: the share of the steps that decays
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 512
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # 0: no clipping
-    kd_weight: float = 0.0
-    aux_loss_coef: float = 0.0
-    balance: str = "global"  # global (Qwen) | micro: where the Switch loss's f comes from
-    z_loss_coef: float = 0.0
-    bias_update_rate: float = 1e-3
-    bias_update: str = "fixed"  # fixed (DeepSeek) | adaptive (Rprop steps, as `moekit balance`)
-    replay_ratio: float = 0.25
-    eval_share: float = 0.0  # rows of the training text held out for evaluation (without eval rows given)
-    eval_every: int = 50
-    save_every: int = 0  # checkpoint every N steps (0: none)
-    gradient_checkpointing: bool = False
-    experts_implementation: str = "grouped_mm"  # transformers 5.x: grouped_mm | batched_mm | eager
-    seed: int = 0
-    log_every: int = 10
-    device: str = "auto"  # auto: what accelerate picks (every GPU under `accelerate launch`); cpu
 
 
 def hold_out(rows: list[list[int]], share: float, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
@@ -989,15 +939,16 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     summary = {
         "steps": trainer.state.global_step, "tokens": trainer.state.global_step * tokens_per_step,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
-        "trainable params": freeze.trainable_params, "frozen params": freeze.frozen_params,
-        "gradient-masked tensors": len(freeze.masked_tensors), "first loss": logs[0]["loss"] if logs else None,
-        "last loss": logs[-1]["loss"] if logs else None,
-        "first eval loss": evals[0]["eval_loss"] if evals else None, "last eval loss": evals[-1]["eval_loss"] if evals else None,
-        "maxvio_batch last": stats.last.get("maxvio_batch") if stats else None,
-        "experts": experts, "lr schedule": opts.lr_schedule, "balance": opts.balance if opts.aux_loss_coef else None,
-        "gradient checkpointing": opts.gradient_checkpointing,
-        "peak memory GiB": round(torch.cuda.max_memory_allocated(args.device) / 2**30, 2) if cuda else None,
-        "resumed from": last, "devices": f"{args.world_size} x {args.device.type}"}
+        "trainable_params": freeze.trainable_params, "frozen_params": freeze.frozen_params,
+        "gradient_masked_tensors": len(freeze.masked_tensors), "first_loss": logs[0]["loss"] if logs else None,
+        "last_loss": logs[-1]["loss"] if logs else None,
+        "first_eval_loss": evals[0]["eval_loss"] if evals else None,
+        "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "last_maxvio_batch": stats.last.get("maxvio_batch") if stats else None,
+        "experts": experts, "lr_schedule": opts.lr_schedule, "balance": opts.balance if opts.aux_loss_coef else None,
+        "gradient_checkpointing": opts.gradient_checkpointing,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(args.device) / 2**30, 2) if cuda else None,
+        "resumed_from": last, "devices": f"{args.world_size} x {args.device.type}"}
     if trainer.is_world_process_zero():
         curve = {"train": logs, "eval": evals}
         written = save_trained(model, ckpt, output, overwrite=overwrite, opts=opts, manifest=manifest,
@@ -1068,7 +1019,7 @@ def save_trained(model, ckpt, output: Path, *, overwrite: bool, opts: TrainOptio
         return t.to("cpu", meta.dtype)
 
     outputs = [OutputTensor(m, partial(produce, m)) for m in ckpt.tensors.values()]
-    options = {**asdict(opts), "freeze": "manifest" if manifest else "none", **record}
+    options = {**opts.model_dump(), "freeze": "manifest" if manifest else "none", **record}
     layers = [{"moe_layers": manifest.get("moe_layers", {})}] if manifest else []
     result = write_model(
         output, ckpt, outputs, config=ckpt.config, operation="train", options=options, layers=layers,
