@@ -7,11 +7,19 @@ benchmarks/code_corpus.py), so both losses should fall. Runs, each `--steps` opt
 synchronisations in all, so the clock holds the GPU's work and nothing more):
 
 - dense_trainer_bf16: transformers `Trainer`, the dense model in bf16 weights, fused AdamW: the yardstick;
+- dense_trainer_bf16_nosync: the same without the Trainer's two host synchronisations per step (its NaN
+  filter and the blocking copy of each batch), which `moekit train` tried on 2026-12-02 (slower: reverted);
 - moekit_dense: `moekit train --freeze none` on the dense model (fp32 master weights, bf16 autocast);
 - moekit_8x2: `moekit train --freeze none --aux-loss-coef 0.01` on the 8 × top-2 upcycle
   (`moekit upcycle DENSE MOE -n 8 -k 2`), experts through grouped_mm in bf16;
-- moekit_8x2_checkpointing: the same with `--gradient-checkpointing`;
+- moekit_dense_before / moekit_8x2_before: the same runs of the moekit at `--before` (another
+  checkout's folder), in a child process: before and after side by side;
+- moekit_8x2_checkpointing: moekit_8x2 with `--gradient-checkpointing`;
 - moekit_8x2_two_at_once: two moekit_8x2 processes on the GPU at once (throughput gain over one).
+
+With `--profile DIR`, the `--profile-steps` steps after the timed ones run under torch.profiler
+and CUDA's sync debug mode: DIR/NAME.txt gets the GPU-busy share of the wall time, the kernels
+and operators by time, and every host synchronisation by source line.
 
     python benchmarks/train_speed.py SKELETON ROWS.pt OUT.json
 SKELETON: a folder with SmolLM2-135M's config.json and tokenizer files (`moekit convert` of the GGUF).
@@ -22,11 +30,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,20 +51,63 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class StepTimer(TrainerCallback):
-    """Wall time from the end of step `start` to the end of the last step, GPU work included."""
+    """Wall time from the end of step `start` to the end of step `stop`, GPU work included."""
 
-    def __init__(self, start: int):
-        self.start, self.t0, self.ms_per_step = start, None, None
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop, self.t0, self.ms_per_step = start, stop, None, None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in (self.start, state.max_steps):
+        if state.global_step in (self.start, self.stop):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             now = time.perf_counter()
             if state.global_step == self.start:
                 self.t0 = now
             elif self.t0 is not None:
-                self.ms_per_step = 1000 * (now - self.t0) / (state.max_steps - self.start)
+                self.ms_per_step = 1000 * (now - self.t0) / (self.stop - self.start)
+
+
+class StepProfiler(TrainerCallback):
+    """torch.profiler and CUDA's sync debug mode over steps start+1 .. stop; writes a report to `path`."""
+
+    def __init__(self, start: int, stop: int, path: Path | None):
+        self.start, self.stop, self.path, self.prof = start, stop, path, None
+        self.syncs, self._warnings = None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.path is None or not torch.cuda.is_available():
+            return
+        if state.global_step == self.start:
+            torch.cuda.synchronize()
+            self._warnings = warnings.catch_warnings(record=True)
+            self.syncs = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                           torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif state.global_step == self.stop and self.prof is not None:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            torch.cuda.set_sync_debug_mode(0)
+            self._warnings.__exit__(None, None, None)
+            self.path.write_text(profile_report(self.prof, wall, self.stop - self.start, self.syncs))
+
+
+def profile_report(prof, wall: float, steps: int, syncs: list) -> str:
+    events = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e3  # ms of kernel time (overlaps counted twice: rare here)
+    lines = [f"{steps} steps, wall {1000 * wall / steps:.1f} ms/step, GPU kernels {busy / steps:.1f} ms/step "
+             f"({100 * busy / (1000 * wall):.0f}% busy), {len(kernels) / steps:.0f} kernels/step", ""]
+    where = Counter(f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in syncs if "synchroniz" in str(w.message))
+    lines += [f"host synchronisations in these steps: {sum(where.values())}"] + [f"  {n:4d} x {k}" for k, n in
+                                                                                 where.most_common(15)] + [""]
+    lines.append(events.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=90))
+    lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90))
+    return "\n".join(lines)
 
 
 def random_model(skeleton: Path, folder: Path, seed: int = 0) -> Path:
@@ -68,17 +123,18 @@ def random_model(skeleton: Path, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def dense_trainer(folder: Path, rows: torch.Tensor, steps: int, timed_from: int, lr: float) -> dict:
+def dense_trainer(folder: Path, rows: torch.Tensor, bench, nosync: bool = False, name: str = "") -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(DEVICE)
     data = [{"input_ids": r, "labels": r} for r in rows.long()]  # the model shifts the labels itself
-    timer = StepTimer(timed_from)
+    timer, prof = bench.callbacks(name)
+    quiet = {"logging_nan_inf_filter": False, "accelerator_config": {"non_blocking": True}} if nosync else {}
     with tempfile.TemporaryDirectory() as work:
-        args = TrainingArguments(output_dir=work, max_steps=steps, per_device_train_batch_size=16, learning_rate=lr,
-                                 warmup_steps=min(10, steps // 4), lr_scheduler_type="cosine", bf16=DEVICE == "cuda",
-                                 use_cpu=DEVICE == "cpu",
-                                 optim="adamw_torch_fused", logging_steps=1, save_strategy="no", report_to="none",
-                                 disable_tqdm=True, dataloader_drop_last=True)
-        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+        args = TrainingArguments(output_dir=work, max_steps=bench.steps, per_device_train_batch_size=16,
+                                 learning_rate=bench.lr, warmup_steps=min(10, bench.steps // 4),
+                                 lr_scheduler_type="cosine", bf16=DEVICE == "cuda", use_cpu=DEVICE == "cpu",
+                                 optim="adamw_torch_fused", logging_steps=bench.log_every, save_strategy="no",
+                                 report_to="none", disable_tqdm=True, dataloader_drop_last=True, **quiet)
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer, prof])
         trainer.remove_callback(PrinterCallback)
         if DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -94,15 +150,15 @@ def dense_trainer(folder: Path, rows: torch.Tensor, steps: int, timed_from: int,
     return result
 
 
-def moekit_run(folder: Path, rows: torch.Tensor, steps: int, timed_from: int, lr: float, **options) -> dict:
-    timer = StepTimer(timed_from)
+def moekit_run(folder: Path, rows: torch.Tensor, bench, name: str = "", **options) -> dict:
+    timer, prof = bench.callbacks(name)
     losses: list[float] = []
-    opts = TrainOptions(steps=steps, lr=lr, lr_schedule="cosine", warmup_steps=min(10, steps // 4), batch_size=16,
-                        seq_len=rows.shape[1], log_every=1, **options)
+    opts = TrainOptions(steps=bench.steps, lr=bench.lr, lr_schedule="cosine", warmup_steps=min(10, bench.steps // 4),
+                        batch_size=16, seq_len=rows.shape[1], log_every=bench.log_every, **options)
     with tempfile.TemporaryDirectory() as out:
         summary = train_model(folder, Path(out) / "trained", rows.tolist(), None, None, opts,
                               on_log=lambda logs: losses.append(logs["loss"]) if "loss" in logs else None,
-                              callbacks=[timer])
+                              callbacks=[timer, prof])
     gc.collect()
     torch.cuda.empty_cache()
     return {"ms_per_step": timer.ms_per_step, "peak_gib": summary["peak_memory_gib"], "losses": losses,
@@ -110,50 +166,93 @@ def moekit_run(folder: Path, rows: torch.Tensor, steps: int, timed_from: int, lr
             "weights": "fp32 master, bf16 autocast", "options": options}
 
 
+@dataclass
+class Bench:
+    steps: int  # timed_to + profile_steps
+    timed_from: int
+    timed_to: int
+    lr: float
+    log_every: int
+    profile: Path | None
+
+    def callbacks(self, name: str) -> tuple[StepTimer, StepProfiler]:
+        return (StepTimer(self.timed_from, self.timed_to),
+                StepProfiler(self.timed_to, self.steps, self.profile / f"{name}.txt" if self.profile else None))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("skeleton", type=Path)
     ap.add_argument("rows", type=Path, help="train.pt from code_corpus.py")
     ap.add_argument("out", type=Path)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=40, help="the last timed step")
     ap.add_argument("--timed-from", type=int, default=5)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--profile", type=Path, help="a folder: profile --profile-steps steps after the timed ones")
+    ap.add_argument("--profile-steps", type=int, default=4)
+    ap.add_argument("--before", type=Path, help="a folder holding the moekit package to compare with (*_before runs)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "train-speed")
-    ap.add_argument("--runs", default="dense_trainer_bf16,moekit_dense,moekit_8x2,moekit_8x2_checkpointing,"
-                                      "moekit_8x2_two_at_once")
+    ap.add_argument("--runs", default="dense_trainer_bf16,dense_trainer_bf16_nosync,moekit_dense,moekit_8x2")
     args = ap.parse_args()
-    rows = torch.load(args.rows)[: args.steps * 16]
+    extra = args.profile_steps if args.profile else 0
+    bench = Bench(args.steps + extra, args.timed_from, args.steps, args.lr, args.log_every, args.profile)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     dense, moe = args.work / "dense", args.work / "moe-8x2"
     if not moe.exists():
         random_model(args.skeleton, dense)
         subprocess.run([sys.executable, "-m", "moekit", "upcycle", str(dense), str(moe), "-n", "8", "-k", "2",
                         "--dtype", "bfloat16"], check=True)
+    if not args.runs:  # --runs "": only make the models (for other uses of them)
+        return
+    rows = torch.load(args.rows)[: bench.steps * 16]
     runs = {
-        "dense_trainer_bf16": lambda: dense_trainer(dense, rows, args.steps, args.timed_from, args.lr),
-        "moekit_dense": lambda: moekit_run(dense, rows, args.steps, args.timed_from, args.lr),
-        "moekit_8x2": lambda: moekit_run(moe, rows, args.steps, args.timed_from, args.lr, aux_loss_coef=0.01),
-        "moekit_8x2_checkpointing": lambda: moekit_run(moe, rows, args.steps, args.timed_from, args.lr,
+        "dense_trainer_bf16": lambda: dense_trainer(dense, rows, bench, name="dense_trainer_bf16"),
+        "dense_trainer_bf16_nosync": lambda: dense_trainer(dense, rows, bench, True, "dense_trainer_bf16_nosync"),
+        "moekit_dense": lambda: moekit_run(dense, rows, bench, "moekit_dense"),
+        "moekit_8x2": lambda: moekit_run(moe, rows, bench, "moekit_8x2", aux_loss_coef=0.01),
+        "moekit_8x2_checkpointing": lambda: moekit_run(moe, rows, bench, "moekit_8x2_checkpointing",
                                                        aux_loss_coef=0.01, gradient_checkpointing=True),
     }
     import transformers
 
     results = {"setup": {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
-                         "transformers": transformers.__version__, "steps": args.steps, "timed_steps":
-                         f"{args.timed_from + 1}-{args.steps}", "batch": f"16 x {rows.shape[1]}"}, "runs": {}}
+                         "transformers": transformers.__version__, "steps": bench.steps, "timed_steps":
+                         f"{args.timed_from + 1}-{args.steps}", "batch": f"16 x {rows.shape[1]}",
+                         "log_every": args.log_every, "before": str(args.before) if args.before else None}, "runs": {}}
+
+    def child(run: str, out: Path, env: dict | None = None) -> subprocess.Popen:
+        """This script in another process, for one run (of another moekit with `env`)."""
+        flags = ["--steps", str(args.steps), "--timed-from", str(args.timed_from), "--lr", str(args.lr),
+                 "--log-every", str(args.log_every), "--work", str(args.work), "--runs", run]
+        if args.profile and env:
+            flags += ["--profile", str(args.profile / "before"), "--profile-steps", str(args.profile_steps)]
+        return subprocess.Popen([sys.executable, __file__, str(args.skeleton), str(args.rows), str(out), *flags],
+                                stdout=subprocess.DEVNULL, env=env)
+
+    def before(run: str) -> dict:
+        """`run` with the moekit package of --before, in a child process."""
+        if not args.before:
+            raise RuntimeError("--before FOLDER is needed for the *_before runs")
+        out = args.work / f"before-{run}.json"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(args.before), os.environ.get("PYTHONPATH", "")])}
+        if child(run, out, env).wait():
+            raise RuntimeError("the run failed")
+        return {**json.loads(out.read_text())["runs"][run], "moekit": str(args.before)}
+
     def two_at_once() -> dict:
         """moekit_8x2 in two processes at once on the same GPU: does a second run fill what one leaves idle?"""
         outs = [args.work / f"two-{i}.json" for i in range(2)]
-        procs = [subprocess.Popen([sys.executable, __file__, str(args.skeleton), str(args.rows), str(o), "--steps",
-                                   str(args.steps), "--timed-from", str(args.timed_from), "--work", str(args.work),
-                                   "--runs", "moekit_8x2"], stdout=subprocess.DEVNULL) for o in outs]
-        if any(p.wait() for p in procs):
+        if any(p.wait() for p in [child("moekit_8x2", o) for o in outs]):
             raise RuntimeError("a run failed")
         ms = [json.loads(o.read_text())["runs"]["moekit_8x2"]["ms_per_step"] for o in outs]
         one = results["runs"]["moekit_8x2"]["ms_per_step"]
         return {"ms_per_step_each": ms, "throughput_gain": 2 * one / (sum(ms) / 2)}
 
     runs["moekit_8x2_two_at_once"] = two_at_once
-    for name in args.runs.split(","):
+    runs.update({f"{run}_before": lambda run=run: before(run) for run in ("moekit_dense", "moekit_8x2")})
+    for name in filter(None, args.runs.split(",")):
         try:
             results["runs"][name] = runs[name]()
         except Exception as e:  # one run failing must not cost the others their GPU time

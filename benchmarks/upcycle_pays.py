@@ -7,11 +7,11 @@ Arms (models made by moekit's own commands from the real SmolLM2 weights):
 - 8x2: `moekit upcycle -n 8 -k 2` (renormalised top-2, random router);
 - 8x2-drop: the same with `--drop-upcycling 0.5`;
 - 32x8: `moekit split-granularity -g 4` of the 8x2 (fine-grained, 32 experts top-8);
+- softmax: `moekit upcycle --target qwen2_moe --routing softmax-topk -n 8 -k 2` (softmax over all
+  experts, top-2, no renormalisation; zero router, down_proj × N/K). Qwen2-MoE also has a shared
+  expert (moekit starts it as the dense FFN with a zero down_proj, so at zero output), which the
+  Mixtral arms lack: this arm differs from 8x2 by the routing *and* by that shared expert;
 - a second seed (router init and data order) of dense and 8x2.
-
-Softmax-then-top-k (`upcycle --routing softmax-topk`, branch runtime) is not an arm: it targets
-Qwen2-MoE / Qwen3-MoE / FlexOlmo, which take Qwen2 / Qwen3 / OLMo2 parents; SmolLM2 is a Llama and
-`upcycle --target qwen2_moe` refuses it as not exact.
 
 Every arm trains through `moekit.training.train_model` (what `moekit train` runs after reading
 its text files; the rows come pre-tokenised from code_corpus.py, so no `datasets` is needed on
@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 
 ARMS = {  # name -> (model folder key, seed), in the order they run: a deadline cuts the tail
-    "dense": ("dense", 0), "8x2": ("8x2", 0), "8x2-drop": ("8x2-drop", 0), "32x8": ("32x8", 0),
-    "dense-seed1": ("dense", 1), "8x2-seed1": ("8x2-seed1", 1),
+    "dense": ("dense", 0), "8x2": ("8x2", 0), "dense-seed1": ("dense", 1), "8x2-seed1": ("8x2-seed1", 1),
+    "softmax": ("8x2-softmax", 0), "8x2-drop": ("8x2-drop", 0), "32x8": ("32x8", 0),
 }
 SPEED_OF = {"dense": "moekit_dense", "8x2": "moekit_8x2", "8x2-drop": "moekit_8x2", "32x8": "moekit_8x2",
-            "dense-seed1": "moekit_dense", "8x2-seed1": "moekit_8x2"}
+            "dense-seed1": "moekit_dense", "8x2-seed1": "moekit_8x2", "softmax": "moekit_8x2"}
 FINE_SLOWDOWN = 1.3  # 32 x top-8 against 8 x top-2 (more, smaller groups): a guess until measured
 
 
@@ -47,16 +47,18 @@ def moekit(*args: str) -> list[str]:
 
 def build_models(gguf: str, work: Path) -> tuple[dict[str, Path], dict[str, str]]:
     """The arms' starting points, by moekit's commands (independent ones run side by side)."""
-    m = {k: work / k for k in ("dense", "8x2", "8x2-seed1", "8x2-drop", "32x8")}
+    m = {k: work / k for k in ("dense", "8x2", "8x2-seed1", "8x2-drop", "8x2-softmax", "32x8")}
     commands = {
         "dense": moekit("convert", gguf, str(m["dense"]), "--dtype", "bfloat16"),
         "8x2": moekit("upcycle", str(m["dense"]), str(m["8x2"]), "-n", "8", "-k", "2", "--seed", "0"),
         "8x2-seed1": moekit("upcycle", str(m["dense"]), str(m["8x2-seed1"]), "-n", "8", "-k", "2", "--seed", "1"),
         "8x2-drop": moekit("upcycle", str(m["dense"]), str(m["8x2-drop"]), "-n", "8", "-k", "2",
                            "--drop-upcycling", "0.5", "--seed", "0"),
+        "8x2-softmax": moekit("upcycle", str(m["dense"]), str(m["8x2-softmax"]), "-n", "8", "-k", "2", "--target",
+                              "qwen2_moe", "--routing", "softmax-topk", "--seed", "0"),
         "32x8": moekit("split-granularity", str(m["8x2"]), str(m["32x8"]), "-g", "4", "--partition", "contiguous"),
     }
-    stages = [["dense"], ["8x2", "8x2-seed1", "8x2-drop"], ["32x8"]]
+    stages = [["dense"], ["8x2", "8x2-seed1", "8x2-drop", "8x2-softmax"], ["32x8"]]
     for stage in stages:
         todo = [k for k in stage if not m[k].exists()]
         procs = {k: subprocess.Popen(commands[k]) for k in todo}
@@ -68,8 +70,8 @@ def build_models(gguf: str, work: Path) -> tuple[dict[str, Path], dict[str, str]
 
 def flops_per_token(config: dict, seq_len: int) -> float:
     """Training FLOPs per token: 6 × the matmul weights a token passes through (attention, the
-    experts it is routed to or the dense MLP, the router, the LM head) + 6 · L · S · d_attn for
-    the causal attention scores and values."""
+    experts it is routed to or the dense MLP, a shared expert and its gate, the router, the LM
+    head) + 6 · L · S · d_attn for the causal attention scores and values."""
     d, layers = config["hidden_size"], config["num_hidden_layers"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     hd = config.get("head_dim") or d // heads
@@ -77,11 +79,17 @@ def flops_per_token(config: dict, seq_len: int) -> float:
     experts = config.get("num_local_experts") or config.get("num_experts")
     if experts:
         width = config.get("moe_intermediate_size") or config["intermediate_size"]
-        mlp = config["num_experts_per_tok"] * 3 * d * width + d * experts
+        mlp = config["num_experts_per_tok"] * 3 * d * width + d * experts + shared_expert(config)
     else:
         mlp = 3 * d * config["intermediate_size"]
     active = layers * (attn + mlp) + d * config["vocab_size"]
     return 6 * active + 6 * layers * seq_len * heads * hd
+
+
+def shared_expert(config: dict) -> int:
+    """Weights of Qwen2-MoE's shared expert and its sigmoid gate, per layer (0 without one)."""
+    width = config.get("shared_expert_intermediate_size") or 0
+    return 3 * config["hidden_size"] * width + config["hidden_size"] if width else 0
 
 
 def total_params(config: dict) -> int:
@@ -90,7 +98,8 @@ def total_params(config: dict) -> int:
     hd = config.get("head_dim") or d // heads
     experts = config.get("num_local_experts") or config.get("num_experts") or 1
     width = config.get("moe_intermediate_size") or config["intermediate_size"]
-    per_layer = d * heads * hd * 2 + d * kv * hd * 2 + experts * 3 * d * width + (d * experts if experts > 1 else 0) + 2 * d
+    per_layer = (d * heads * hd * 2 + d * kv * hd * 2 + experts * 3 * d * width + (d * experts if experts > 1 else 0)
+                 + shared_expert(config) + 2 * d)
     return layers * per_layer + d * config["vocab_size"] * (1 if config.get("tie_word_embeddings") else 2) + d
 
 
@@ -154,7 +163,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
-    colours = {"dense": "k", "8x2": "tab:blue", "8x2-drop": "tab:orange", "32x8": "tab:green"}
+    colours = {"dense": "k", "8x2": "tab:blue", "8x2-drop": "tab:orange", "32x8": "tab:green", "softmax": "tab:purple"}
     arms = {n: a for n, a in results["arms"].items() if a.get("curve")}
     start = arms["dense"]["curve"][0]["eval_loss"] if "dense" in arms else None
     lows = [e["eval_loss"] for a in arms.values() for e in a["curve"]]
@@ -194,7 +203,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--work", type=Path, default=Path("/tmp/upcycle-pays"))
     ap.add_argument("--steps", default="auto")
-    ap.add_argument("--max-steps", type=int, default=610)  # 10M tokens of 16 x 1024
+    ap.add_argument("--max-steps", type=int, default=620)  # 10.2M tokens of 16 x 1024
     ap.add_argument("--speed", type=Path, help="train_speed.py's JSON (for --steps auto)")
     ap.add_argument("--budget-s", type=float, default=420, help="plan for this; arms still running then are stopped")
     ap.add_argument("--parallel", default="1", help="arms at once; auto: 2 where train_speed.py measured a gain")
@@ -230,9 +239,9 @@ def main() -> None:
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     results = {"setup": {"steps": steps, "seq_len": args.seq_len, "tokens_per_arm": steps * 16 * args.seq_len,
                          "corpus": corpus, "build_commands": build_commands, "build_seconds": round(built, 1),
-                         "parallel": args.parallel, "parallel_gain": args.parallel_gain, "softmax-topk": "not run: SmolLM2 is a Llama; softmax-topk "
-                         "targets (qwen2_moe, qwen3_moe, flex_olmo) take Qwen2/Qwen3/OLMo2 parents and upcycle refuses "
-                         "llama -> qwen2_moe as not exact"}, "arms": {}}
+                         "parallel": args.parallel, "parallel_gain": args.parallel_gain,
+                         "softmax": "qwen2_moe with softmax-topk routing: differs from 8x2 by the routing and by "
+                         "Qwen2-MoE's shared expert (started at zero output)"}, "arms": {}}
     while queue or running:
         while queue and len(running) < args.parallel:
             name = queue.pop(0)

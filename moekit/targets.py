@@ -16,6 +16,8 @@ from moekit.layouts import ExpertLayout, Fused, PerExpert
 
 DENSE_FFN = "model.layers.{i}.mlp.{proj}_proj.weight"
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# q/k/v biases (name -> its size in ModelShape.size) of a target with `qkv_bias` whose parent has none
+QKV_BIAS = {f"model.layers.{{i}}.self_attn.{p}_proj.bias": size for p, size in (("q", "q"), ("k", "kv"), ("v", "kv"))}
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,13 @@ TARGETS: dict[str, Target] = {t.model_type: t for t in [
                              {"gate": "w1", "up": "w3", "down": "w2"}),
            from_parent=lambda parent: {"sliding_window": parent.get("sliding_window")},  # the class default differs
            parent_requires={"attention_bias": False, "mlp_bias": False}),
-    Target("qwen2_moe", "Qwen2MoeForCausalLM", ("qwen2",),
+    # A Llama/Mistral parent has no q/k/v biases: the upcycle writes zero ones (QKV_BIAS), which add nothing.
+    Target("qwen2_moe", "Qwen2MoeForCausalLM", ("qwen2", "llama", "mistral"),
            router=_ROUTER, experts=_EXPERTS,
            shared=PerExpert("model.layers.{i}.mlp.shared_expert.{proj}.weight"),
            shared_gate="model.layers.{i}.mlp.shared_expert_gate.weight", shared_range=(1, 1),
-           config={"norm_topk_prob": True, "qkv_bias": True}, softmax_topk=True, untie=True),
+           config={"norm_topk_prob": True, "qkv_bias": True}, softmax_topk=True, untie=True,
+           parent_requires={"attention_bias": False, "mlp_bias": False}),
     Target("qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), router=_ROUTER, experts=_EXPERTS,
            config={"norm_topk_prob": True}, softmax_topk=True),
     Target("glm4_moe", "Glm4MoeForCausalLM", ("llama", "mistral", "qwen2", "qwen3"),

@@ -41,7 +41,7 @@ from moekit.balance import bias_state, bias_step
 from moekit.data.text import TRAINING, pack_text, read_texts, separator
 from moekit.errors import MoekitError, UsageError
 from moekit.options import TrainOptions
-from moekit.profile import aux_loss, dropped_slots, max_vio, router_probs
+from moekit.profile import aux_loss, max_vio, router_probs
 from moekit.surgery.grow import select_experts
 
 FROZEN, TRAINABLE = "frozen", "trainable"
@@ -274,12 +274,18 @@ def balance_loss(router_logits: Sequence[torch.Tensor], counts: Sequence[torch.T
     this micro-batch for the micro-batch loss, or of the whole global batch so far for Qwen's
     global-batch loss. `P_i` is the mean routing probability over this micro-batch's tokens:
     softmax of the logits, or for sigmoid routers (DeepSeek-V3, GLM-4.5) the scores normalised to
-    sum to 1 per token (`profile.router_probs`). Minimised (= 1) by a uniform load."""
-    losses = []
-    for logits, c in zip(router_logits, counts, strict=True):
-        logits = logits.float().reshape(-1, logits.shape[-1])
-        losses.append(aux_loss(c.to(logits.device, torch.float32), router_probs(logits, routing).mean(0)))
-    return torch.stack(losses).mean()
+    sum to 1 per token (`profile.router_probs`). Minimised (= 1) by a uniform load. All layers in
+    one batched computation: a loop over layers launched some 20 small GPU kernels per layer."""
+    if len(router_logits) != len(counts):
+        raise MoekitError(f"{len(router_logits)} layers of router logits, {len(counts)} of counts")
+    logits = _stack_layers(router_logits)  # [layers, tokens, N]
+    c = torch.stack([c.to(logits.device, torch.float32) for c in counts])
+    return aux_loss(c, router_probs(logits, routing).mean(1)).mean()
+
+
+def _stack_layers(router_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The layers' router logits as one fp32 [layers, tokens, N] tensor."""
+    return torch.stack([l.reshape(-1, l.shape[-1]) for l in router_logits]).float()
 
 
 def switch_aux_loss(router_logits: Sequence[torch.Tensor], top_k: int, routing: Routing = SOFTMAX_RENORM,
@@ -298,8 +304,7 @@ def switch_aux_loss(router_logits: Sequence[torch.Tensor], top_k: int, routing: 
 def z_loss(router_logits: Sequence[torch.Tensor]) -> torch.Tensor:
     """Router z-loss (ST-MoE): `mean over tokens of logsumexp(logits)²`, averaged over layers; keeps
     router logits small, which bf16 routing needs."""
-    return torch.stack([torch.logsumexp(l.float().reshape(-1, l.shape[-1]), -1).square().mean()
-                        for l in router_logits]).mean()
+    return torch.logsumexp(_stack_layers(router_logits), -1).square().mean()  # every layer sees every token
 
 
 def router_logits(outputs) -> tuple[torch.Tensor, ...]:
@@ -504,7 +509,7 @@ class RoutingStatsCallback(TrainerCallback):
             c = torch.stack(list(counts.values()))  # [layers, N]
             slots = c.sum(-1)  # K·T
             capacity = torch.ceil(slots / c.shape[-1] - 1e-9)  # C = ceil(1.0·K·T/N), on the device
-            drop = torch.stack([dropped_slots(layer, cap[None]) for layer, cap in zip(c, capacity)]).squeeze(-1)
+            drop = (c - capacity[:, None]).clamp_min(0).sum(-1)  # profile.dropped_slots of every layer at once
             self._since_log.append(torch.stack([max_vio(c), drop / slots]))
 
     def log_metrics(self) -> dict:
@@ -613,7 +618,9 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "m
     """Cross-entropy of each position's logits against the next token, in fp32 (zero on no rows)."""
     if ids.shape[0] == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction=reduction)
+    # The labels shift, not the logits: logits[:, :-1] would copy the whole [B, S, vocab] tensor.
+    labels = F.pad(ids[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction)
 
 
 CHECKPOINT_STATE = "moekit_state.pt"  # callbacks' state (loss-free bias, eval history) in a checkpoint

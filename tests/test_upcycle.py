@@ -117,7 +117,7 @@ def test_recipe_and_flags(tiny_models, tmp_path):
     (["-n", "1", "-k", "1"], "at least 2"),
     (["--target", "olmoe"], "post-norm"),
     (["--target", "deepseek_v3"], "latent attention"),
-    (["--target", "qwen2_moe"], "not exact"),
+    (["--target", "qwen3_moe"], "not exact"),
     (["--target", "nonsense"], "unknown target"),
     (["--target", "mixtral", "--moe-layers", "0"], "every layer MoE"),
     (["--moe-layers", "7-9"], "outside"),
@@ -131,6 +131,18 @@ def test_impossible_options_fail_cleanly(tiny_models, tmp_path, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("parent,change,message", [
+    ("mistral", {"sliding_window": 16}, "sliding_window=16"),  # qwen2_moe's own window is not Mistral's
+    ("llama", {"attention_bias": True}, "attention_bias=True"),  # it has no o_proj bias
+])
+def test_qwen2_moe_refuses_what_a_llama_parent_has_and_it_cannot_say(tiny_models, tmp_path, parent, change, message):
+    from tests.tiny import copy_with_config
+
+    src = copy_with_config(tiny_models(parent), tmp_path / "src", **change)
+    proc = run_moekit("upcycle", str(src), str(tmp_path / "out"), "--target", "qwen2_moe")
+    assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "out").exists()
 
 
 def test_moe_source_refused(tiny_models, tmp_path):
@@ -149,7 +161,7 @@ def test_unknown_dense_family_refused(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["mixtral", "glm4_moe"])
+@pytest.mark.parametrize("target", ["mixtral", "glm4_moe", "qwen2_moe"])
 def test_smollm2_upcycle_is_exact(smollm2, tmp_path, target):
     out = tmp_path / target  # 4 experts, not 8: the same maths in half the disk (fp32, 1.5 GB)
     upcycle(smollm2, out, "-n", "4", "-k", "2", "--target", target, "--moe-layers",

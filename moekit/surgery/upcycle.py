@@ -18,8 +18,9 @@ from moekit.architectures import holds_routed_experts
 from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import MoekitError, UsageError
 from moekit.layouts import PROJS
-from moekit.surgery.requirements import check_dense
-from moekit.targets import DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, TARGETS, WHY_NOT, Target
+from moekit.surgery.requirements import ModelShape, check_dense
+from moekit.targets import (DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, QKV_BIAS, TARGETS, WHY_NOT,
+                            Target)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ class UpcycleShape(NamedTuple):
     moe_layers: list[int]
     d_ff: int  # the dense FFN's width: every expert's
     config: dict  # the output's
+    model: ModelShape  # the parent's sizes, as its config and tensors agree on them
 
 
 def check_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, shared: int | None = None,
@@ -191,10 +193,13 @@ def check_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, 
         raise MoekitError(f"{ckpt.path} is already an MoE model; use split-granularity or add-experts")
     target = choose_target(parent.get("model_type", "unknown"), target_name)
     check_routing(target, routing)
-    check_dense(ckpt)  # every tensor the parent's architecture needs, in its config's shapes
+    shape = check_dense(ckpt)  # every tensor the parent's architecture needs, in its config's shapes
     for key, value in target.parent_requires.items():
         if parent.get(key, value) != value:
             raise UsageError(f"{target.model_type} cannot represent {key}={parent[key]} of the parent")
+    if parent.get("model_type") == "mistral" and parent.get("sliding_window") and target.model_type != "mixtral":
+        raise UsageError(f"{target.model_type} cannot represent the parent's sliding_window={parent['sliding_window']} "
+                         "(mixtral can)")
     if not 1 <= k <= n:
         raise UsageError(f"--top-k must be between 1 and --experts ({n}), got {k}")
     lo, hi = target.shared_range
@@ -211,7 +216,7 @@ def check_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, 
     config = build_config(parent, target, n, k, shared, d_ff, moe_layers, routing)
     for src in expert_sources:
         _check_same_ffn(ckpt, src, moe_layers)
-    return UpcycleShape(target, shared, moe_layers, d_ff, config)
+    return UpcycleShape(target, shared, moe_layers, d_ff, config, shape)
 
 
 def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, shared: int | None = None,
@@ -220,7 +225,7 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
                  dtype: torch.dtype | None = None, seed: int = 0, routing: str = "renormalised") -> UpcyclePlan:
     """The upcycled model's tensors and config; `rows`: data-driven router rows per MoE layer (from
     `moekit.surgery.router_init`), else rows of the data-free `router_init`."""
-    target, shared, moe_layers, d_ff, config = check_upcycle(
+    target, shared, moe_layers, d_ff, config, shape = check_upcycle(
         ckpt, target_name, n, k, shared=shared, moe_layers_spec=moe_layers_spec, noise=noise, drop=drop,
         expert_sources=expert_sources, routing=routing)
     parent, hidden = ckpt.config, ckpt.config["hidden_size"]
@@ -277,6 +282,10 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
                        "routing": routing, "down_proj_scale": down_scale,
                        "expert_sources": [str(s.path) for s in expert_sources] or None,
                        "noise": noise, "drop_upcycling": drop})
+    if target.config.get("qkv_bias"):  # a parent without q/k/v biases (Llama): zero ones add nothing
+        outputs += [OutputTensor(TensorMeta(name.format(i=i), (shape.size(size),), out_dtype),
+                                 lambda size=size: torch.zeros(shape.size(size), dtype=out_dtype))
+                    for i in range(parent["num_hidden_layers"]) for name, size in QKV_BIAS.items() if name.format(i=i) not in ckpt.tensors]
     if untie:  # runtimes that never tie (llama.cpp's qwen2moe, vLLM's GLM/FlexOlmo) get the head written out
         outputs.append(OutputTensor(TensorMeta(LM_HEAD, ckpt.meta(EMBED).shape, out_dtype),
                                     lambda: ckpt.load(EMBED, out_dtype),
