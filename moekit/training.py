@@ -9,9 +9,9 @@ The pieces `moekit train` assembles, usable one by one with your own Trainer or 
   every optimiser step (`FrozenSlices.restore`, run by `FreezeCallback`), so that no optimiser
   update and no decoupled weight decay ever moves them: they stay bit-identical.
 - `kd_loss`: KL(old model ‖ new model) per token, Lifelong-MoE's output regularisation.
-- `switch_aux_loss`: the Switch/GShard balance loss, computed per layer from router logits.
-- `RoutingCounter`, `RoutingStatsCallback` (MaxVio_batch per step) and
-  `LossFreeBalanceCallback` (DeepSeek's loss-free balancing of `e_score_correction_bias`).
+- the Switch/GShard balance loss and the z-loss (`moekit.metrics`), per layer from router logits.
+- `RoutingStatsCallback` (MaxVio_batch per step) and `LossFreeBalanceCallback` (DeepSeek's
+  loss-free balancing of `e_score_correction_bias`), on `moekit.runtime.moe.RoutingCounter`.
 - `LifelongTrainer`: a `Trainer` whose loss is LM + λ·KD + α·aux.
 - `train_model`: all of it, from a model folder and token rows to an output folder.
 
@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from moekit.architectures import MOE_CONFIG, SOFTMAX_RENORM, Routing, read_field
-from moekit.balance import bias_state, bias_step
 from moekit.errors import MoekitError, UsageError
-from moekit.profile import aux_loss, dropped_slots, max_vio, router_probs
-from moekit.surgery.grow import select_experts
+from moekit.metrics import balance_loss, bias_state, bias_step, capacity, dropped_slots, max_vio, z_loss
+from moekit.runtime.moe import RoutingCounter, find_moe_layers, moe_layers, router_logits
+from moekit.runtime.transformers_private import (experts_functions, experts_implementation, rename_experts_implementation,
+                                                 set_experts_implementation, set_loss_is_batch_mean, to_disk_names)
 
 FROZEN, TRAINABLE = "frozen", "trainable"
 
@@ -115,19 +116,6 @@ def check_run(source: str | Path, output: str | Path, manifest: dict | None, ove
     return ckpt
 
 
-def _disk_names(model, probes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`probes` (runtime name -> tensor) renamed and split the way `save_pretrained` writes them
-    to disk. transformers 5.x fuses per-expert tensors on load (`experts.*.w1` + `w3` ->
-    `experts.gate_up_proj`, `block_sparse_moe` -> `mlp`) and its own `revert_weight_conversion`
-    undoes that on save: reusing it maps names exactly as the loader does, for every family it
-    knows. transformers 4.x keeps the disk names at run time."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers 4.x
-        return probes
-    return revert_weight_conversion(model, probes)
-
-
 def _named_tensors(model) -> dict[str, torch.Tensor]:
     """Parameters (each tied parameter once, as on disk) and the buffers saved with the model."""
     saved = set(model.state_dict())
@@ -140,7 +128,7 @@ def manifest_masks(model, manifest: dict) -> dict[str, torch.Tensor]:
     """Runtime name -> boolean "trainable" mask over the tensor's rows (every dim but the last;
     elements for 1-D tensors), from a manifest written in on-disk names.
 
-    Each runtime row gets a unique id; the ids go through `_disk_names` like the weights would,
+    Each runtime row gets a unique id; the ids go through `to_disk_names` like the weights would,
     so every on-disk tensor comes back holding the ids of the runtime rows it is made of. Only
     rows are tracked (the last dim collapsed to 1), so this costs one integer per row, not per weight.
     """
@@ -151,7 +139,7 @@ def manifest_masks(model, manifest: dict) -> dict[str, torch.Tensor]:
         n = math.prod(shape)
         probes[name], spans[name] = torch.arange(start, start + n).view(shape), (start, n)
         start += n
-    disk = _disk_names(model, probes)
+    disk = to_disk_names(model, probes)
     rules = manifest["tensors"]
     unknown = sorted(set(rules) - set(disk))
     unlisted = sorted(set(disk) - set(rules))
@@ -264,51 +252,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, rows: to
     return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
 
 
-def balance_loss(router_logits: Sequence[torch.Tensor], counts: Sequence[torch.Tensor], routing: Routing) -> torch.Tensor:
-    """The Switch/GShard balance loss `N · Σ_i f_i · P_i` of each layer, averaged over layers
-    (transformers pools all layers into one: a layer's imbalance then hides behind the others).
-
-    `f_i` comes from `counts` (the slots expert i got; no gradient): the router's own choices of
-    this micro-batch for the micro-batch loss, or of the whole global batch so far for Qwen's
-    global-batch loss. `P_i` is the mean routing probability over this micro-batch's tokens:
-    softmax of the logits, or for sigmoid routers (DeepSeek-V3, GLM-4.5) the scores normalised to
-    sum to 1 per token (`profile.router_probs`). Minimised (= 1) by a uniform load."""
-    losses = []
-    for logits, c in zip(router_logits, counts, strict=True):
-        logits = logits.float().reshape(-1, logits.shape[-1])
-        losses.append(aux_loss(c.to(logits.device, torch.float32), router_probs(logits, routing).mean(0)))
-    return torch.stack(losses).mean()
-
-
-def switch_aux_loss(router_logits: Sequence[torch.Tensor], top_k: int, routing: Routing = SOFTMAX_RENORM,
-                    biases: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """`balance_loss` of one micro-batch, with `f` from the experts each layer's router selects on
-    these logits: for sigmoid routers on `score + e_score_correction_bias` (`biases`, one per layer),
-    as the router itself selects, not on the scores alone."""
-    counts = []
-    for i, logits in enumerate(router_logits):
-        logits = logits.float().reshape(-1, logits.shape[-1])
-        chosen = select_experts(routing, logits, top_k, biases[i] if biases else None)
-        counts.append(torch.bincount(chosen.flatten(), minlength=logits.shape[-1]))
-    return balance_loss(router_logits, counts, routing)
-
-
-def z_loss(router_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Router z-loss (ST-MoE): `mean over tokens of logsumexp(logits)²`, averaged over layers; keeps
-    router logits small, which bf16 routing needs."""
-    return torch.stack([torch.logsumexp(l.float().reshape(-1, l.shape[-1]), -1).square().mean()
-                        for l in router_logits]).mean()
-
-
-def router_logits(outputs) -> tuple[torch.Tensor, ...]:
-    """The per-layer router logits of a forward pass made with `output_router_logits=True`."""
-    logits = getattr(outputs, "router_logits", None)
-    if not logits:  # e.g. Glm4Moe in transformers 4.57 has no such output
-        raise UsageError("this model's transformers class returns no router logits (output_router_logits), "
-                         "so the Switch aux loss cannot be computed for it")
-    return logits
-
-
 # --------------------------------------------------------------------------- fast experts
 
 LOW_PRECISION_SUFFIX = "_autocast"
@@ -348,33 +291,27 @@ def use_experts_implementation(model, implementation: str = "grouped_mm") -> str
     batched_mm or eager), with their weights cast to bf16 under autocast; returns what runs, for
     the log. transformers 4.x has no such choice: one module per expert, looped in Python, whose
     nn.Linear layers autocast already runs in bf16."""
-    try:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-    except ImportError:
-        ALL_EXPERTS_FUNCTIONS = None
-    blocks = moe_blocks(model).values()
-    if not blocks:
+    functions = experts_functions()
+    layers = moe_layers(model)
+    if not layers:
         return "none (a dense model)"
-    fused = not any(isinstance(getattr(b, "experts", None), torch.nn.ModuleList) for b in blocks)
-    if ALL_EXPERTS_FUNCTIONS is None or not fused or getattr(model.config, "_experts_implementation", None) is None:
+    fused = not any(isinstance(layer.experts, torch.nn.ModuleList) for layer in layers)
+    if functions is None or not fused or experts_implementation(model.config) is None:
         return "eager (one module per expert, transformers 4.x)"
     if implementation == "eager":
-        _set_experts(model, "eager")
+        set_experts_implementation(model, "eager")
         return "eager"
-    if implementation not in ALL_EXPERTS_FUNCTIONS:
+    if implementation not in functions:
         raise UsageError(f"--experts-implementation {implementation!r}: this transformers knows eager, "
-                         + ", ".join(sorted(ALL_EXPERTS_FUNCTIONS)))
+                         + ", ".join(sorted(functions)))
     try:  # transformers checks that it can run here (grouped_mm: a recent torch, SM80+ on CUDA)
-        _set_experts(model, implementation)
+        set_experts_implementation(model, implementation)
     except (ValueError, ImportError) as e:
         raise MoekitError(f"--experts-implementation {implementation}: {' '.join(str(e).split())[:200]}") from None
     name = implementation + LOW_PRECISION_SUFFIX
-    if name not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register(name, _autocast_experts(ALL_EXPERTS_FUNCTIONS[implementation]))
-    # then the same function behind the cast, set on every config the experts read theirs from
-    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
-        if getattr(config, "_experts_implementation", None) == implementation:
-            config._experts_implementation = name
+    if name not in functions:
+        functions.register(name, _autocast_experts(functions[implementation]))
+    rename_experts_implementation(model, implementation, name)  # the same function behind the cast
     return f"{implementation} (expert weights cast to the autocast dtype)"
 
 
@@ -387,104 +324,13 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _set_experts(model, name: str) -> None:
-    setter = getattr(model, "set_experts_implementation", None)
-    if setter is not None:
-        setter(name)
-    else:  # early 5.x: the config property, which reaches the sub-configs
-        model.config._experts_implementation = name
-
-
 # --------------------------------------------------------------------------- routing counts and balance
-
-
-def router_of(block) -> torch.nn.Module:
-    """The router of an MoE block: `gate` in most families, `router` in GraniteMoe."""
-    return getattr(block, "gate", None) or block.router
-
-
-def moe_blocks(model) -> dict[str, torch.nn.Module]:
-    """Module name -> MoE block: a module with a router (`gate` / `router`) and experts (`experts`,
-    or GraniteMoe 4.x's fused `input_linear`), in every family and both transformers lines."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(getattr(m, "gate", None) or getattr(m, "router", None), torch.nn.Module)
-            and (hasattr(m, "experts") or hasattr(m, "input_linear"))}
-
-
-class RoutingCounter:
-    """Counts the tokens each expert of every MoE block receives, from the router's actual choices:
-    transformers 5.x calls the fused experts as `experts(hidden, top_k_index, top_k_weights)`, so
-    the indices are read there; 4.x calls each expert module on its own tokens, which are counted
-    (GraniteMoe 4.x: its router returns the per-expert token counts)."""
-
-    def __init__(self, model):
-        self.blocks = moe_blocks(model)
-        if not self.blocks:
-            raise MoekitError(f"{type(model).__name__}: no MoE blocks (modules with a router and experts)")
-        self.counts: dict[str, torch.Tensor] = {}
-        self.enabled = True  # off while evaluating: held-out text is not a training load
-        self.handles = []
-        for name, block in self.blocks.items():
-            experts = getattr(block, "experts", None)
-            if isinstance(experts, torch.nn.ModuleList):
-                for e, expert in enumerate(experts):
-                    self.handles.append(expert.register_forward_pre_hook(partial(self._rows, name, e, len(experts))))
-            elif experts is not None:
-                n = getattr(experts, "num_experts", None) or experts.gate_up_proj.shape[0]
-                self.handles.append(experts.register_forward_pre_hook(partial(self._indices, name, n), with_kwargs=True))
-            else:  # GraniteMoe 4.x: (sorted experts, batch index, gates, expert_size, logits)
-                self.handles.append(block.router.register_forward_hook(partial(self._sizes, name)))
-
-    def _add(self, name: str, n: int, device, counts: torch.Tensor) -> None:
-        # A forward run again inside backward is gradient checkpointing's recomputation: counted once.
-        if not self.enabled or torch._C._current_graph_task_id() != -1:
-            return
-        if name not in self.counts:
-            self.counts[name] = torch.zeros(n, dtype=torch.float64, device=device)
-        self.counts[name] += counts.to(self.counts[name].device, torch.float64)
-
-    def _rows(self, name, e, n, module, args):
-        x = args[0]
-        one = torch.zeros(n, device=x.device)
-        one[e] = x.reshape(-1, x.shape[-1]).shape[0]
-        self._add(name, n, x.device, one)
-
-    def _indices(self, name, n, module, args, kwargs):
-        index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-        # 5.x may mark a slot "no expert" with index n (expert parallelism): not a load. A scatter,
-        # not bincount: bincount's output size depends on the data, so on CUDA it waits for the GPU
-        # (a host synchronisation in every MoE layer of every forward).
-        flat = index.flatten()
-        load = torch.zeros(n + 1, dtype=torch.float64, device=index.device).scatter_add_(
-            0, flat.clamp(max=n), torch.ones_like(flat, dtype=torch.float64))
-        self._add(name, n, index.device, load[:n])
-
-    def _sizes(self, name, module, args, output):
-        sizes = torch.tensor(output[3], dtype=torch.float64)
-        self._add(name, len(sizes), output[4].device, sizes)
-
-    def reset(self) -> None:
-        self.counts.clear()
-
-    def totals(self) -> dict[str, torch.Tensor]:
-        """Counts since the last reset, summed over all processes when training is distributed
-        (one all-reduce for all layers)."""
-        if not self.counts:
-            return {}
-        stacked = torch.stack(list(self.counts.values()))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stacked)
-        return dict(zip(self.counts, stacked))
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 class RoutingStatsCallback(TrainerCallback):
     """Per optimiser step and MoE layer, from the step's counts over all micro-batches and
     processes: MaxVio_batch and the share of routed slots a capacity-limited MoE would drop at
-    capacity factor 1.0 (`profile.max_vio`, `profile.dropped_slots`). Kept on the device until
+    capacity factor 1.0 (`metrics.max_vio`, `metrics.dropped_slots`). Kept on the device until
     a log asks: `log_metrics()` gives the means since it was last called, per layer and overall;
     `last` the latest step's."""
 
@@ -501,8 +347,8 @@ class RoutingStatsCallback(TrainerCallback):
         if counts:
             c = torch.stack(list(counts.values()))  # [layers, N]
             slots = c.sum(-1)  # K·T
-            capacity = torch.ceil(slots / c.shape[-1] - 1e-9)  # C = ceil(1.0·K·T/N), on the device
-            drop = torch.stack([dropped_slots(layer, cap[None]) for layer, cap in zip(c, capacity)]).squeeze(-1)
+            caps = capacity(slots, c.shape[-1])  # at capacity factor 1.0, on the device
+            drop = torch.stack([dropped_slots(layer, cap[None]) for layer, cap in zip(c, caps)]).squeeze(-1)
             self._since_log.append(torch.stack([max_vio(c), drop / slots]))
 
     def log_metrics(self) -> dict:
@@ -517,7 +363,7 @@ class RoutingStatsCallback(TrainerCallback):
 
 class LossFreeBalanceCallback(TrainerCallback):
     """DeepSeek's auxiliary-loss-free balancing (arXiv 2408.15664): after each optimiser step,
-    `balance.bias_step` on every router's `e_score_correction_bias` with the tokens each expert
+    `metrics.bias_step` on every router's `e_score_correction_bias` with the tokens each expert
     received in that step (all micro-batches and processes), fixed (`b_i += u · sign(c̄ − c_i)`)
     or adaptive (Rprop step sizes, as `moekit balance`). The bias only shifts which experts are
     selected, never their weights; it is a buffer (no gradient), kept in fp32 here whatever the
@@ -525,8 +371,11 @@ class LossFreeBalanceCallback(TrainerCallback):
 
     def __init__(self, counter: RoutingCounter, rate: float = 1e-3, adaptive: bool = False):
         self.counter, self.rate, self.adaptive = counter, rate, adaptive
-        self.biases = {n: router_of(b).e_score_correction_bias for n, b in counter.blocks.items()
-                       if isinstance(getattr(router_of(b), "e_score_correction_bias", None), torch.Tensor)}
+        biased = [layer for layer in counter.moe.layers
+                  if isinstance(getattr(layer.router, "e_score_correction_bias", None), torch.Tensor)]
+        # keyed by block name (model.layers.1.mlp), as checkpoints hold them; counted by layer index
+        self.index = {layer.block_name: layer.index for layer in biased}
+        self.biases = {layer.block_name: layer.router.e_score_correction_bias for layer in biased}
         self.master = {n: b.detach().float().clone() for n, b in self.biases.items()}
         self.steps = {n: bias_state(b, rate) for n, b in self.master.items()}
 
@@ -537,10 +386,10 @@ class LossFreeBalanceCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         counts = self.counter.totals()
         for name, bias in self.biases.items():
-            if name in counts:
+            if self.index[name] in counts:
                 master = self.master[name] = self.master[name].to(bias.device)
                 size, last = self.steps[name] = tuple(t.to(bias.device) for t in self.steps[name])
-                bias_step(master, counts[name].to(bias.device), size, last, self.rate, self.adaptive)
+                bias_step(master, counts[self.index[name]].to(bias.device), size, last, self.rate, self.adaptive)
                 bias.copy_(master)
 
     def state_dict(self) -> dict:
@@ -642,9 +491,7 @@ class LifelongTrainer(Trainer):
         self.teacher, self.kd_weight, self.kd_on_replay = teacher, kd_weight, kd_on_replay
         self.aux_loss_coef, self.balance, self.z_loss_coef = aux_loss_coef, balance, z_loss_coef
         self.routing, self.counter = routing, counter
-        # Our loss is a per-batch mean, not normalised by the token count of the whole accumulated
-        # batch: tell Trainer, which then divides by the gradient-accumulation steps itself.
-        self.model_accepts_loss_kwargs = False
+        set_loss_is_batch_mean(self)
         self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def _balance_counts(self, before: dict[str, torch.Tensor] | None, layers: int) -> list[torch.Tensor]:
@@ -947,7 +794,7 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     if opts.aux_loss_coef or opts.z_loss_coef:  # a model without router logits fails now, not at the first step
         with torch.no_grad():
             router_logits(model(input_ids=torch.tensor([new[0][:2]], device=args.device), output_router_logits=True))
-    counter = RoutingCounter(model) if moe_blocks(model) else None  # a dense model trains too (a baseline)
+    counter = RoutingCounter(find_moe_layers(model)) if moe_layers(model) else None  # a dense model trains too
     callbacks = [FreezeCallback(freeze.frozen), *callbacks]
     stats = RoutingStatsCallback(counter) if counter else None
     if stats:
@@ -1049,7 +896,7 @@ def save_trained(model, ckpt, output: Path, *, overwrite: bool, opts: TrainOptio
     from moekit.pipeline import OutputTensor, write_model
 
     with torch.no_grad():
-        state = _disk_names(model, {k: v.detach() for k, v in model.state_dict().items()})
+        state = to_disk_names(model, {k: v.detach() for k, v in model.state_dict().items()})
     missing = [m.name for m in ckpt.tensors.values() if m.name not in state]
     if missing:
         raise MoekitError(f"the trained model has no tensor {missing[0]} (and {len(missing) - 1} more) of the source")
