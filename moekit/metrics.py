@@ -69,7 +69,8 @@ def switch_loss(counts: torch.Tensor, mean_probs: torch.Tensor) -> torch.Tensor:
     return counts.shape[-1] * (counts / counts.sum(-1, keepdim=True) * mean_probs).sum(-1)
 
 
-def balance_loss(router_logits: Sequence[torch.Tensor], counts: Sequence[torch.Tensor], routing: Routing) -> torch.Tensor:
+def balance_loss(router_logits: Sequence[torch.Tensor], counts: Sequence[torch.Tensor],
+                 routing: Routing) -> torch.Tensor:
     """`switch_loss` of each layer, averaged over layers (transformers pools all layers into one:
     a layer's imbalance then hides behind the others).
 

@@ -26,8 +26,8 @@ from moekit.errors import MoekitError
 from moekit.metrics import (capacities, coefficient_of_variation, dropped_slots, max_vio, normalised_entropy,
                             router_probs, switch_loss, z_terms)
 from moekit.runtime.decoder import input_device, run_decoder
-from moekit.runtime.moe import NOTHING_TO_PROFILE, MoEModel, RoutingCounter, find_moe_layers  # noqa: F401 (commands import the
-#   message and finder from here)
+# NOTHING_TO_PROFILE and find_moe_layers are imported from here by the commands
+from moekit.runtime.moe import NOTHING_TO_PROFILE, MoEModel, RoutingCounter, find_moe_layers  # noqa: F401
 from moekit.surgery.router_init import builtin_calibration_text, encode, pack_token_ids, read_text_file
 
 CAPACITY_FACTORS = (1.0, 1.25, 1.5, 2.0)

@@ -36,7 +36,8 @@ def _hooks(model, layers: list[int], sink: Callable[[int, torch.Tensor], None]) 
 
 
 @torch.no_grad()
-def capture_ffn_inputs(model, input_ids: torch.Tensor, layers: list[int], sink: Callable[[int, torch.Tensor], None]) -> None:
+def capture_ffn_inputs(model, input_ids: torch.Tensor, layers: list[int],
+                       sink: Callable[[int, torch.Tensor], None]) -> None:
     """One forward pass of the decoder stack up to the last chosen layer, each chosen layer's FFN
     input passed to `sink` (no lm_head: the logits of a large vocabulary would cost more memory
     than everything captured)."""

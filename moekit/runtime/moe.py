@@ -78,7 +78,8 @@ def find_moe_layers(model) -> MoEModel:
     model_type = config.get("model_type", "?")
     fields = MOE_CONFIG.get(model_type)
     if fields is None:
-        raise MoekitError(f"{NOTHING_TO_PROFILE} (model type {model_type!r} is not a Mixture-of-Experts family moekit knows)")
+        raise MoekitError(f"{NOTHING_TO_PROFILE} (model type {model_type!r} is not a Mixture-of-Experts family "
+                          "moekit knows)")
     layers = moe_layers(model)
     if not layers:
         raise MoekitError(NOTHING_TO_PROFILE)
