@@ -17,7 +17,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from moekit.surgery.router_init import builtin_calibration_text
+from moekit.data.text import builtin_calibration_text
 
 
 def man_paragraphs(page: Path) -> list[str]:

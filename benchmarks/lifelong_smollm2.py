@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from moekit.data.text import encode, read_texts
 from moekit.hf import load_model, load_tokenizer
 from moekit.profile import Domain, profile
-from moekit.surgery.router_init import encode, read_text_file
 from moekit.training import TrainOptions, kd_loss, mean_token_loss, read_manifest, train_model
 
 OLD_EXPERTS = 4  # upcycled to 4 experts, then 2 added
@@ -40,7 +40,7 @@ RECIPES = {
 
 def rows(path: Path, tokenizer, seq_len: int, limit: int | None = None) -> list[list[int]]:
     """Paragraphs joined by EOS and cut into full rows of seq_len tokens (as `moekit train` does)."""
-    stream = [t for p in read_text_file(path) for t in [*encode(tokenizer, p), tokenizer.eos_token_id]]
+    stream = [t for p in read_texts(path) for t in [*encode(tokenizer, p), tokenizer.eos_token_id]]
     out = [stream[s : s + seq_len] for s in range(0, len(stream) - seq_len + 1, seq_len)]
     return out[:limit]
 

@@ -74,10 +74,10 @@ def gather_text(site: Path, work: Path, budget: dict[str, int]) -> dict[str, Pat
 
 def token_rows(path: Path, tokenizer, seq_len: int, max_rows: int | None = None) -> list[list[int]]:
     """The file's paragraphs tokenised, joined with EOS, cut into full rows of seq_len."""
-    from moekit.surgery.router_init import encode, read_text_file
+    from moekit.data.text import encode, read_texts
 
     stream: list[int] = []
-    for text in read_text_file(path):
+    for text in read_texts(path):
         stream += encode(tokenizer, text) + [tokenizer.eos_token_id]
         if max_rows and len(stream) >= max_rows * seq_len:
             break

@@ -124,7 +124,7 @@ def _new_domain_states(ckpt: Checkpoint, opts: AddExpertsOptions, layers: list[i
 def _drift(ckpt: Checkpoint, output, opts: AddExpertsOptions, device) -> dict:
     """verify's numbers for the grown model against its source, on old-domain (built-in) text."""
     from moekit.hf import load_model, load_tokenizer
-    from moekit.surgery.router_init import builtin_calibration_text
+    from moekit.data.text import builtin_calibration_text
     from moekit.verify import compare_models, make_inputs, vocab_size
 
     parent, child = (load_model(p, torch.float32, device, allow_pickle=opts.allow_pickle)[0] for p in (ckpt.path, output))

@@ -22,13 +22,13 @@ from typing import Callable
 
 import torch
 
+from moekit.data.text import calibration_texts, pack_text, separator, token_stream
 from moekit.errors import MoekitError
 from moekit.metrics import (capacities, coefficient_of_variation, dropped_slots, max_vio, normalised_entropy,
                             router_probs, switch_loss, z_terms)
 from moekit.runtime.decoder import input_device, run_decoder
 # NOTHING_TO_PROFILE and find_moe_layers are imported from here by the commands
 from moekit.runtime.moe import NOTHING_TO_PROFILE, MoEModel, RoutingCounter, find_moe_layers  # noqa: F401
-from moekit.surgery.router_init import builtin_calibration_text, encode, pack_token_ids, read_text_file
 
 CAPACITY_FACTORS = (1.0, 1.25, 1.5, 2.0)
 
@@ -118,27 +118,23 @@ class Domain:
 def token_rows(texts: list[str], tokenizer, seq_len: int, max_tokens: int, what: str) -> torch.Tensor:
     """[R, seq_len] rows of packed text (documents separated by EOS), R·seq_len ≤ max_tokens.
     Only full rows: every batch then has the same shape, and per-batch numbers compare."""
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-    docs, have = [], 0
-    for text in texts:  # tokenise only what can be used
-        if have >= max_tokens + seq_len:
-            break
-        docs.append(encode(tokenizer, text))
-        have += len(docs[-1]) + 1
-    rows = [r for r in pack_token_ids(docs, seq_len, separator) if r.shape[1] == seq_len]
+    cap = max(1, max_tokens // seq_len) * seq_len
+    rows = pack_text(texts, tokenizer, seq_len, separator=separator(tokenizer), min_last=seq_len, max_tokens=cap)
     if not rows:
-        raise MoekitError(f"{what}: {have} tokens, shorter than one sequence of {seq_len} (--seq-len): give more text or a shorter --seq-len")
-    return torch.cat(rows[: max(1, max_tokens // seq_len)])
+        have = len(token_stream(texts, tokenizer, separator(tokenizer)))
+        raise MoekitError(f"{what}: {have} tokens, shorter than one sequence of {seq_len} (--seq-len): "
+                          "give more text or a shorter --seq-len")
+    return torch.tensor(rows)
 
 
 def read_domains(files: list[Path], tokenizer, seq_len: int, batch_size: int, max_tokens: int) -> list[Domain]:
-    """One domain per text file (.txt or .jsonl), named by its file name, at most `max_tokens`
-    tokens each; without files, the built-in sample of real English text."""
+    """One domain per text file, named by its file name, at most `max_tokens` tokens each; without
+    files, the built-in sample of real English text."""
     if not files:
-        sources = [("builtin", "the built-in text sample", builtin_calibration_text())]
+        sources = [("builtin", "the built-in text sample", calibration_texts(None))]
     else:
         stems = [f.stem for f in files]
-        sources = [(f.stem if stems.count(f.stem) == 1 else str(f), str(f), read_text_file(f)) for f in files]
+        sources = [(f.stem if stems.count(f.stem) == 1 else str(f), str(f), calibration_texts(f)) for f in files]
     return [Domain(name, list(token_rows(texts, tokenizer, seq_len, max_tokens, what).split(batch_size)))
             for name, what, texts in sources]
 

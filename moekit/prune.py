@@ -39,22 +39,12 @@ NEEDS_NORMS = ("reap", "ean")
 
 def calibration_batches(texts: list[str], tokenizer, max_tokens: int, seq_len: int = 512, batch_size: int = 8):
     """Packed rows of calibration text, max_tokens in all: full rows in batches, a shorter last row alone."""
-    from moekit.surgery.router_init import encode, pack_token_ids
+    from moekit.data.text import batches, pack_text, separator
 
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-    docs, have = [], 0
-    for text in texts:
-        if have >= max_tokens:
-            break
-        docs.append(encode(tokenizer, text))
-        have += len(docs[-1]) + 1
-    stream = torch.cat(pack_token_ids(docs, seq_len, separator), dim=1)[:, :max_tokens] if docs else torch.zeros(1, 0)
-    if stream.shape[1] < 2:
+    rows = pack_text(texts, tokenizer, seq_len, separator=separator(tokenizer), max_tokens=max_tokens)
+    if sum(map(len, rows)) < 2:
         raise MoekitError("the calibration text has fewer than 2 tokens")
-    rows = list(stream.split(seq_len, dim=1))
-    full = [r for r in rows if r.shape[1] == seq_len]
-    return [torch.cat(full[s:s + batch_size]) for s in range(0, len(full), batch_size)] + \
-           [r for r in rows if r.shape[1] != seq_len]
+    return batches(rows, batch_size)
 
 
 @torch.no_grad()
@@ -94,10 +84,10 @@ def profile_scores(path, layers: list[int], n: int) -> dict[int, dict[str, torch
 
 def calibration_scores(opts: PruneOptions, device) -> dict[int, dict[str, torch.Tensor]]:
     from moekit.hf import load_model, load_tokenizer
-    from moekit.surgery.router_init import builtin_calibration_text, read_text_file
+    from moekit.data.text import calibration_texts
 
     model, tokenizer = load_model(opts.source, torch.float32, device)[0], load_tokenizer(opts.source)
-    texts = read_text_file(opts.calibration) if opts.calibration else builtin_calibration_text()
+    texts = calibration_texts(opts.calibration)
     return expert_scores(model, calibration_batches(texts, tokenizer, opts.calibration_tokens),
                          norms=opts.method in NEEDS_NORMS)
 

@@ -52,6 +52,7 @@ def run_upcycle(opts: UpcycleOptions, progress: Progress | None = None) -> tuple
 def data_router_rows(ckpt: Checkpoint, opts: UpcycleOptions, layers: list[int]) -> dict[int, torch.Tensor]:
     """Router rows from forward passes of the dense model: k-means of MLP inputs, or prompts."""
     from moekit.hf import load_dense_model, load_tokenizer, resolve_device
+    from moekit.data.text import calibration_texts, read_texts
     from moekit.surgery import router_init as ri
 
     device = resolve_device(opts.device)
@@ -59,9 +60,9 @@ def data_router_rows(ckpt: Checkpoint, opts: UpcycleOptions, layers: list[int]) 
         raise UsageError(f"--router-init prompts needs one --prompts file per expert: got {len(opts.prompts)} for {opts.experts}")
     model, tokenizer = load_dense_model(ckpt, device), load_tokenizer(ckpt.path)
     if opts.router_init == "prompts":
-        negative = ri.read_text_file(opts.negative_prompts) if opts.negative_prompts else []
-        return ri.prompt_router_rows(model, tokenizer, [ri.read_text_file(p) for p in opts.prompts], negative,
+        negative = read_texts(opts.negative_prompts) if opts.negative_prompts else []
+        return ri.prompt_router_rows(model, tokenizer, [read_texts(p) for p in opts.prompts], negative,
                                      layers, device)
-    texts = ri.read_text_file(opts.calibration) if opts.calibration else ri.builtin_calibration_text()
+    texts = calibration_texts(opts.calibration)
     states = ri.collect_mlp_inputs(model, texts, tokenizer, layers, opts.calibration_tokens, seq_len=512, device=device)
     return ri.kmeans_router_rows(states, opts.experts, seed=opts.seed)

@@ -7,15 +7,15 @@ MoE -> finer MoE, MoE -> more experts, or two unrelated checkpoints.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from moekit.data.text import COMPARISON, batches, cut_rows, is_plain_text, iter_texts, token_stream
 from moekit.errors import MoekitError
 
 
@@ -24,61 +24,27 @@ def vocab_size(model: torch.nn.Module) -> int:
     return model.get_input_embeddings().num_embeddings
 
 
-def _texts(data: Path) -> Iterator[str]:
-    """Documents of a .jsonl file (its "text" fields) or 64 KB pieces of any other text file."""
-    with open(data, encoding="utf-8", errors="replace") as f:  # odd bytes must not stop a check
-        if data.suffix != ".jsonl":
-            while piece := f.read(1 << 16):  # streaming: only the first --tokens tokens are needed
-                if "\x00" in piece or piece.count("\ufffd") > len(piece) // 10:  # but a binary file is no text
-                    raise MoekitError(f"{data}: not UTF-8 text (a binary file?); --data takes .txt or .jsonl")
-                yield piece
-            return
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)["text"]
-            except (ValueError, KeyError, TypeError):
-                raise MoekitError(f"{data}:{n}: expected a JSON object with a \"text\" field") from None
-
-
 def make_inputs(vocab: int, tokens: int = 4096, batch: int = 8, seq_len: int = 256, seed: int = 0,
                 data: Path | None = None, tokenizer=None, texts: Iterable[str] | None = None,
                 what: str = "text") -> list[torch.Tensor]:
     """Batches of token ids [b, seq_len] holding `tokens` ids in all (the last sequence may be
     shorter and then forms its own batch). Random ids below `vocab` from a seeded generator, or
-    the first `tokens` ids of `data` (a file) or `texts` tokenised with `tokenizer` (documents
-    separated by EOS)."""
-    if data is not None:
-        data = Path(data)
-        if not data.is_file():
-            raise MoekitError(f"{data}: no such file")
-        texts, what = _texts(data), str(data)
-    if texts is None:
-        ids = torch.randint(vocab, (tokens,), generator=torch.Generator().manual_seed(seed))
+    the first `tokens` ids of `data` (a file) or `texts` tokenised with `tokenizer`: records and
+    `texts` each end with EOS, a plain-text file is one document."""
+    if texts is None and data is None:
+        stream = torch.randint(vocab, (tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
     else:
-        ids = _tokenise(texts, tokenizer, tokens, what, separate=data is None or data.suffix == ".jsonl")
-        if ids.max() >= vocab:
-            raise MoekitError(f"{what}: the tokenizer yields id {ids.max().item()}, but a model accepts only {vocab} ids: "
+        end = tokenizer.eos_token_id
+        if data is not None:
+            texts, what = iter_texts(data, COMPARISON), str(data)
+            end = None if is_plain_text(data) else end
+        stream = token_stream(texts, tokenizer, end, budget=tokens, every_text=True)
+        if not stream:
+            raise MoekitError(f"{what}: no text to compare on (empty file?)")
+        if (top := max(stream[:tokens])) >= vocab:
+            raise MoekitError(f"{what}: the tokenizer yields id {top}, but a model accepts only {vocab} ids: "
                               "the two models do not share PARENT's vocabulary")
-    full = len(ids) // seq_len * seq_len
-    batches = list(ids[:full].view(-1, seq_len).split(batch)) if full else []
-    if full < len(ids):
-        batches.append(ids[full:].unsqueeze(0))
-    return batches
-
-
-def _tokenise(texts: Iterable[str], tokenizer, tokens: int, what: str, separate: bool) -> torch.Tensor:
-    flat: list[int] = []
-    for text in texts:
-        flat += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if separate and tokenizer.eos_token_id is not None:
-            flat.append(tokenizer.eos_token_id)
-        if len(flat) >= tokens:
-            break
-    if not flat:
-        raise MoekitError(f"{what}: no text to compare on (empty file?)")
-    return torch.tensor(flat[:tokens])
+    return batches(cut_rows(stream, seq_len, min_last=1, max_tokens=tokens), batch)
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:

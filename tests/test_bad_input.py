@@ -331,7 +331,8 @@ def _header_length_lies(raw: bytes) -> bytes:
 
 
 U = ["upcycle", "{src}", "{out}", "-n", "2", "-k", "1"]
-COMMANDS = ["inspect", "convert", "upcycle", "verify", "split-granularity", "add-experts", "train", "profile", "balance"]
+COMMANDS = ["inspect", "convert", "upcycle", "verify", "split-granularity", "add-experts", "train", "profile", "balance",
+            "prune"]
 
 CASES: list[Case] = [
     # class 2: a source that lacks what its architecture needs is refused before anything is written
@@ -517,6 +518,62 @@ CASES: list[Case] = [
 ]
 
 
+# --------------------------------------------------------------------------- every text flag × every format
+
+OK_TEXT = "Plain English text for a tokenizer to read.\n\n" * 40
+# flag -> (source kind, arguments that end with the flag; {ok} is a readable text file)
+TEXT_FLAGS = {
+    "upcycle--calibration": ("dense", U + ["--router-init", "kmeans", "--calibration"]),
+    "upcycle--prompts": ("dense", U + ["--router-init", "prompts", "--prompts", "{ok}", "--prompts"]),
+    "upcycle--negative-prompts": ("dense", U + ["--router-init", "prompts", "--prompts", "{ok}", "--prompts", "{ok}",
+                                                "--negative-prompts"]),
+    "split--calibration": ("moe", ["split-granularity", "{src}", "{out}", "-g", "2", "--partition", "coactivation",
+                                   "--calibration"]),
+    "add-experts--calibration": ("moe", ["add-experts", "{src}", "{out}", "-m", "1", "--calibration"]),
+    "prune--calibration": ("moe", ["prune", "{src}", "{out}", "--ratio", "0.5", "--method", "reap", "--calibration"]),
+    "profile--data": ("moe", ["profile", "{src}", "--seq-len", "16", "--data"]),
+    "balance--data": ("glm", ["balance", "{src}", "{out}", "--seq-len", "16", "--data"]),
+    "balance--eval-data": ("glm", ["balance", "{src}", "{out}", "--seq-len", "16", "--data", "{ok}", "--eval-data"]),
+    "verify--data": ("dense", ["verify", "{src}", "{src}", "--data"]),
+    "train--data": ("grown", ["train", "{src}", "{out}", "--steps", "1", "--seq-len", "16", "--data"]),
+    "train--replay": ("grown", ["train", "{src}", "{out}", "--steps", "1", "--seq-len", "16", "--data", "{ok}",
+                                "--replay"]),
+    "train--eval-data": ("grown", ["train", "{src}", "{out}", "--steps", "1", "--seq-len", "16", "--data", "{ok}",
+                                   "--eval-data"]),
+}
+
+
+def _parquet_without_text() -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"body": ["a"]}), sink)
+    return sink.getvalue().to_pybytes()
+
+
+# format -> (file name and content, what the one error line names)
+BAD_TEXT = {
+    "txt-binary": (("d.txt", b"\xff\xfe\x00\x00" * 64), "UTF-8"),
+    "jsonl-broken-line": (("d.jsonl", '{"text": "a"}\n{"text": '), "d.jsonl:2"),
+    "json-item-without-text": (("d.json", '[{"text": "a"}, {"body": "b"}]'), "d.json: item 2"),
+    "parquet-without-text": (("d.parquet", _parquet_without_text), 'no "text" column'),
+}
+
+
+def _text_flag(kind: str, fmt: str):
+    def setup(w: World):
+        (name, content), _ = BAD_TEXT[fmt]
+        src = _manifest_model(w, OK_TEXT)["src"] if kind == "grown" else w.copy(kind)
+        bad = w.file(name, content() if callable(content) else content)
+        return {"src": src, "ok": w.file("ok.txt", OK_TEXT), "bad": bad}
+    return setup
+
+
+CASES += [(f"{flag}/{fmt}", _text_flag(kind, fmt), [*args, "{bad}"], 3, match)
+          for flag, (kind, args) in TEXT_FLAGS.items() for fmt, (_, match) in BAD_TEXT.items()]
+
+
 def _dense_drop(w: World, key: str) -> dict:
     src = w.copy("dense")
     edit_config(src, drop=(key,))
@@ -562,7 +619,7 @@ def _deny(w: World, path: Path) -> None:
         w.cleanup.append(lambda: os.chmod(path, 0o644))
         return
     from moekit.checkpoint import reader
-    from moekit.surgery import router_init
+    from moekit.data import text
 
     real_open = open
 
@@ -571,7 +628,7 @@ def _deny(w: World, path: Path) -> None:
             raise PermissionError(errno.EACCES, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
-    for module in (reader, router_init):
+    for module in (reader, text):
         w.monkeypatch.setattr(module, "open", denying_open, raising=False)
 
 

@@ -253,7 +253,7 @@ def test_profile_errors_are_one_line(moe_models, glm, texts, tmp_path):
         ((dense, *cpu), 3, "nothing to profile: no MoE layers; upcycle it first"),
         ((glm, *cpu, "--data", texts / "empty.txt"), 3, "no text in it"),
         ((glm, *cpu, "--data", texts / "short.txt", "--seq-len", 64), 3, "shorter than one sequence of 64"),
-        ((glm, *cpu, "--data", tmp_path / "missing.txt"), 3, "no such calibration file"),
+        ((glm, *cpu, "--data", tmp_path / "missing.txt"), 3, "no such data file"),
         ((glm, *cpu, "--capacity-factors", "1,x"), 2, "--capacity-factors"),
         ((glm, *cpu, "--max-tokens", 10, "--seq-len", 64), 2, "less than one sequence"),
     ]

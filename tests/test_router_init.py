@@ -1,13 +1,12 @@
-"""Data-driven router init: model loading, MLP-input capture, k-means and prompt rows, calibration text."""
+"""Data-driven router init: model loading, MLP-input capture, k-means and prompt rows (calibration text: test_data)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
 from moekit.checkpoint import open_checkpoint
+from moekit.data.text import builtin_calibration_text
 from moekit.errors import MoekitError
 from moekit.hf import load_dense_model, load_tokenizer
 from moekit.surgery import router_init as ri
@@ -101,11 +100,6 @@ def test_collect_respects_max_tokens_and_layers(llama):
     assert list(got) == [1] and got[1].shape == (50, 64)
     with pytest.raises(MoekitError, match="layer 5"):
         ri.collect_mlp_inputs_from_ids(llama, [random_ids()], [5], max_tokens=10, device="cpu")
-
-
-def test_pack_token_ids():
-    rows = ri.pack_token_ids([[5, 6, 7], [], [8, 9]], seq_len=4, separator=2)
-    assert [r.tolist() for r in rows] == [[[5, 6, 7, 2]], [[8, 9, 2]]]
 
 
 def test_collect_from_text(llama):
@@ -218,41 +212,6 @@ def test_prompt_router_rows(llama):
         ri.prompt_router_rows(llama, tok, [["x"], []], [], [0], "cpu")
 
 
-# --------------------------------------------------------------------------- calibration text
-
-
-def test_builtin_calibration_text():
-    texts = ri.builtin_calibration_text(50_000)
-    total = sum(map(len, texts))
-    assert 10_000 < total <= 50_000 and len(texts) > 20
-    words = " ".join(texts).lower().split()
-    for common in ("the", "of", "and", "is"):
-        assert words.count(common) > 20  # English prose, not code
-    assert not any(t.startswith(">>>") for t in texts)
-    assert ri.builtin_calibration_text(50_000) == texts  # deterministic
-
-
-def test_read_text_file(tmp_path):
-    txt = tmp_path / "a.txt"
-    txt.write_text("first paragraph\nstill first\n\n\nsecond one\n")
-    assert ri.read_text_file(txt) == ["first paragraph\nstill first", "second one"]
-    jsonl = tmp_path / "a.jsonl"
-    jsonl.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two", "id": 3}) + "\n")
-    assert ri.read_text_file(jsonl) == ["one", "two"]
-
-    with pytest.raises(MoekitError, match="no such"):
-        ri.read_text_file(tmp_path / "missing.txt")
-    (tmp_path / "empty.txt").write_text("\n\n  \n")
-    with pytest.raises(MoekitError, match="no text"):
-        ri.read_text_file(tmp_path / "empty.txt")
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
-    with pytest.raises(MoekitError, match=r"bad.jsonl:2"):
-        ri.read_text_file(tmp_path / "bad.jsonl")
-    (tmp_path / "nofield.jsonl").write_text('{"content": "x"}\n')
-    with pytest.raises(MoekitError, match='"text"'):
-        ri.read_text_file(tmp_path / "nofield.jsonl")
-
-
 # --------------------------------------------------------------------------- real weights
 
 
@@ -261,7 +220,7 @@ def test_smollm2_end_to_end(smollm2):
     ckpt = open_checkpoint(smollm2)
     model, tok = load_dense_model(ckpt, "cpu"), load_tokenizer(ckpt.path)
     layers = [0, 15, 29]
-    states = ri.collect_mlp_inputs(model, ri.builtin_calibration_text(40_000), tok, layers, 2048, 256, "cpu")
+    states = ri.collect_mlp_inputs(model, builtin_calibration_text(40_000), tok, layers, 2048, 256, "cpu")
     rows = ri.kmeans_router_rows(states, 8, iters=30, seed=0)
     for i in layers:
         assert states[i].shape == (2048, 576) and rows[i].shape == (8, 576)

@@ -214,7 +214,7 @@ def test_data_errors_are_one_line(grown, tmp_path):
     one_line_error(train(src, tmp_path / "o", "--data", few, *FAST, "--json"), 3, "fewer than --batch-size 4")
     notext = tmp_path / "x.jsonl"
     notext.write_text('{"body": "hello"}\n')
-    one_line_error(train(src, tmp_path / "o", "--data", notext, *FAST), 3, 'no "text" column')
+    one_line_error(train(src, tmp_path / "o", "--data", notext, *FAST), 3, 'x.jsonl:1: expected an object with a "text"')
     one_line_error(train(src, tmp_path / "o", "--data", short, "--freeze", "sometimes", *FAST), 2, "--freeze")
     assert not (tmp_path / "o").exists()
 

@@ -176,7 +176,7 @@ def bad_inputs(tiny_models, tmp_path) -> dict[str, tuple[list, str]]:
         "missing data": ([llama, llama, "--data", tmp_path / "nope.txt"], "nope.txt: no such file"),
         "not a model": ([tmp_path, llama], "not a model folder"),
         "empty data": ([with_tok, with_tok, "--data", tmp_path / "empty.txt"], "no text to compare on"),
-        "jsonl without text": ([with_tok, with_tok, "--data", tmp_path / "bad.jsonl"], 'bad.jsonl:1: expected a JSON object'),
+        "jsonl without text": ([with_tok, with_tok, "--data", tmp_path / "bad.jsonl"], 'bad.jsonl:1: expected an object with a "text"'),
         "no tokenizer": ([llama, llama, "--data", tmp_path / "text.txt"], "no tokenizer"),
         "vocab mismatch": ([with_tok, small_vocab, "--data", tmp_path / "text.txt"], "do not share PARENT's vocabulary"),
         "bad device": ([llama, llama, "--device", "tpu9"], "unknown device"),

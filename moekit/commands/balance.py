@@ -8,6 +8,7 @@ from rich.table import Table
 
 from moekit.commands.common import JsonOpt, OutputArg, OverwriteOpt, byte_progress, err, handle_errors, out, print_json, warn
 from moekit.commands.profile import BatchOpt, DeviceArgOpt, ModelArg, RunDtypeOpt, SeqLenOpt, batch_progress, run_settings
+from moekit.data import FORMATS as TEXT_FORMATS
 from moekit.errors import MoekitError
 
 TARGET = 0.05  # DeepSeek's loss-free balancing reaches MaxVio_global ≈ 0.04
@@ -17,11 +18,11 @@ TARGET = 0.05  # DeepSeek's loss-free balancing reaches MaxVio_global ≈ 0.04
 def balance_command(
     model: ModelArg,
     output: OutputArg,
-    data: Annotated[Optional[Path], typer.Option(help="Calibration text (.txt, or .jsonl with a \"text\" field). [default: built-in sample of real English text]", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option(help=f"Calibration text: {TEXT_FORMATS}. [default: built-in sample of real English text]", show_default=False)] = None,
     rate: Annotated[float, typer.Option(min=1e-9, help="Bias update speed u in b_i += u·sign(c̄ − c_i).")] = 1e-3,
     steps: Annotated[int, typer.Option(min=1, help="Bias updates, one per batch (the calibration batches repeat when fewer).")] = 300,
     fixed_rate: Annotated[bool, typer.Option("--fixed-rate", help="Every step is --rate (DeepSeek's rule as published). Default: --rate is the largest step; an expert's step halves when its direction flips, so saturated sigmoid routers settle too.")] = False,
-    eval_data: Annotated[Optional[Path], typer.Option(help="Held-out text for MaxVio before and after. [default: a random quarter of --data's sequences]", show_default=False)] = None,
+    eval_data: Annotated[Optional[Path], typer.Option(help=f"Held-out text for MaxVio before and after: {TEXT_FORMATS}. [default: a random quarter of --data's sequences]", show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens of --data (and of --eval-data) to use.")] = 65536,
     batch_size: BatchOpt = 4,
     seq_len: SeqLenOpt = 256,
@@ -53,7 +54,7 @@ def balance_command(
     from moekit.checkpoint.writer import check_target
     from moekit.hf import load_model, load_tokenizer
     from moekit.profile import Domain, find_moe_layers, profile, token_rows
-    from moekit.surgery.router_init import builtin_calibration_text, read_text_file
+    from moekit.data.text import calibration_texts, read_texts
 
     where, torch_dtype = run_settings(device, dtype, seq_len, max_tokens)
     ckpt = open_checkpoint(model)
@@ -61,12 +62,12 @@ def balance_command(
     check_target(output, [ckpt.path], overwrite)  # before minutes of calibration, not after
     tokenizer = load_tokenizer(model)
     what = str(data) if data else "the built-in sample"
-    rows = token_rows(read_text_file(data) if data else builtin_calibration_text(), tokenizer, seq_len, max_tokens, what)
+    rows = token_rows(calibration_texts(data), tokenizer, seq_len, max_tokens, what)
     # Shuffled (seeded): consecutive sequences come from the same document, and a bias that
     # chases one document per batch does not balance the whole text.
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     if eval_data:
-        held = token_rows(read_text_file(eval_data), tokenizer, seq_len, max_tokens, str(eval_data))
+        held = token_rows(read_texts(eval_data), tokenizer, seq_len, max_tokens, str(eval_data))
     elif len(rows) < 2:
         raise MoekitError(f"{what}: one sequence of {seq_len} tokens; calibration and held-out text need two (or give --eval-data)")
     else:

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from moekit.data import FORMATS as TEXT_FORMATS
 from moekit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, MoekitError, one_line
 
 out = Console()  # results and JSON: stdout, so they can be piped
@@ -29,7 +30,7 @@ ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safeten
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model.bin (with torch.load(weights_only=True)).")]
 
 # Options of the recipe-aware surgeries: None means "not given", so a recipe's value stands.
-CalibrationOpt = Annotated[Optional[Path], typer.Option(help="Calibration text (.txt, or .jsonl with a \"text\" field). [default: built-in sample of real text]")]
+CalibrationOpt = Annotated[Optional[Path], typer.Option(help=f"Calibration text: {TEXT_FORMATS}. [default: built-in sample of real text]")]
 CalibrationTokensOpt = Annotated[Optional[int], typer.Option(help="Tokens of calibration text to use. [default: 8192]")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float32, bfloat16, float16. [default: the source's; GGUF: float32]")]
 MaxShardOpt = Annotated[Optional[str], typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB. [default: 5GB]")]

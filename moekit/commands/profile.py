@@ -13,10 +13,11 @@ from rich import box
 from rich.table import Table
 
 from moekit.commands.common import PickleOpt, err, handle_errors, out, warn
+from moekit.data import FORMATS as TEXT_FORMATS
 from moekit.errors import MoekitError, UsageError
 
 ModelArg = Annotated[str, typer.Argument(show_default=False, help="MoE model folder (any MoE family transformers loads).")]
-DataOpt = Annotated[Optional[list[Path]], typer.Option("--data", help="Text file (.txt, or .jsonl with a \"text\" field); repeat for several domains. [default: built-in sample of real English text]", show_default=False)]
+DataOpt = Annotated[Optional[list[Path]], typer.Option("--data", help=f"Text file: {TEXT_FORMATS}; repeat for several domains. [default: built-in sample of real English text]", show_default=False)]
 MaxTokensOpt = Annotated[int, typer.Option(min=1, help="Tokens per domain (whole sequences of --seq-len).")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward pass (one batch for MaxVio_batch, local balance loss and capacity).")]
 SeqLenOpt = Annotated[int, typer.Option(min=2, help="Tokens per sequence.")]

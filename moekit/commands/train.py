@@ -6,9 +6,10 @@ from typing import Annotated, Optional
 import typer
 
 from moekit.commands.common import JsonOpt, OutputArg, OverwriteOpt, err, handle_errors, print_json
+from moekit.data import FORMATS as TEXT_FORMATS
 from moekit.errors import MoekitError, UsageError
 
-DataOpt = Annotated[Path, typer.Option(help="New-domain text: .txt (paragraphs), .jsonl/.json or .parquet with a \"text\" column.", show_default=False)]
+DataOpt = Annotated[Path, typer.Option(help=f"New-domain text: {TEXT_FORMATS}.", show_default=False)]
 
 
 @handle_errors
@@ -16,7 +17,7 @@ def train_command(
     model: Annotated[str, typer.Argument(help="MoE model folder (from `moekit add-experts`, or any safetensors MoE folder).", show_default=False)],
     output: OutputArg,
     data: DataOpt,
-    replay: Annotated[Optional[Path], typer.Option(help="Old-domain text mixed in (same formats): with --kd-weight, distilled from the old model (not LM-trained); without, trained on like --data.", show_default=False)] = None,
+    replay: Annotated[Optional[Path], typer.Option(help=f"Old-domain text mixed in, {TEXT_FORMATS}. With --kd-weight, distilled from the old model (not LM-trained); without, trained on like --data.", show_default=False)] = None,
     replay_ratio: Annotated[float, typer.Option(min=0.0, max=0.95, help="Share of training rows taken from --replay.")] = 0.25,
     freeze: Annotated[str, typer.Option(help="manifest (MODEL's moekit.json), none (train everything), or a JSON file holding a manifest.")] = "manifest",
     kd_weight: Annotated[float, typer.Option(min=0.0, help="λ of KL(old model ‖ new model) per token (Lifelong-MoE); 0: no teacher.")] = 0.0,
@@ -38,7 +39,7 @@ def train_command(
     warmup_steps: Annotated[int, typer.Option(min=0, help="Linear learning-rate warm-up steps.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of data order and replay sampling.")] = 0,
     log_every: Annotated[int, typer.Option(min=1, help="Log losses, MaxVio and drop rates every N steps.")] = 10,
-    eval_data: Annotated[Optional[Path], typer.Option(help="Held-out text (same formats): its loss before training, every --eval-every steps and at the end.", show_default=False)] = None,
+    eval_data: Annotated[Optional[Path], typer.Option(help=f"Held-out text, {TEXT_FORMATS}: its loss before training, every --eval-every steps and at the end.", show_default=False)] = None,
     eval_share: Annotated[float, typer.Option(min=0.0, max=0.5, help="Without --eval-data: hold out this share of --data's rows for evaluation.")] = 0.0,
     eval_every: Annotated[int, typer.Option(min=1, help="Evaluate every N steps.")] = 50,
     save_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (into --checkpoint-dir); 0: none.")] = 0,

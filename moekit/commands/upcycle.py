@@ -8,6 +8,7 @@ import typer
 from moekit.commands.common import (CalibrationOpt, CalibrationTokensOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxShardOpt,
                                     MaybeOverwriteOpt, PickleOpt, RecipeOpt, SeedOpt, handle_errors,
                                     run_surgery)
+from moekit.data import FORMATS as TEXT_FORMATS
 
 
 @handle_errors
@@ -22,8 +23,8 @@ def upcycle_command(
     router_init: Annotated[Optional[str], typer.Option(help="random | uniform | zero | kmeans | prompts. [default: random; zero with --routing softmax-topk]")] = None,
     calibration: CalibrationOpt = None,
     calibration_tokens: CalibrationTokensOpt = None,
-    prompts: Annotated[Optional[list[Path]], typer.Option("--prompts", help="One prompt file per expert for --router-init prompts (repeat the flag).")] = None,
-    negative_prompts: Annotated[Optional[Path], typer.Option(help="Prompts no expert should prefer (with --router-init prompts).")] = None,
+    prompts: Annotated[Optional[list[Path]], typer.Option("--prompts", help=f"One prompt file per expert for --router-init prompts (repeat the flag): {TEXT_FORMATS}, a prompt each.")] = None,
+    negative_prompts: Annotated[Optional[Path], typer.Option(help=f"Prompts no expert should prefer (with --router-init prompts): {TEXT_FORMATS}, a prompt each.")] = None,
     noise: Annotated[Optional[float], typer.Option(help="Relative Gaussian noise σ on expert weights (breaks exactness).")] = None,
     drop_upcycling: Annotated[Optional[float], typer.Option(help="Re-draw this ratio of each expert's neurons (Drop-Upcycling; breaks exactness).")] = None,
     moe_layers: Annotated[Optional[str], typer.Option(help="all | every:2 | 0-3,20-29 | skip-first:2,skip-last:2. [default: all]")] = None,

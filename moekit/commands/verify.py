@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from moekit.commands.common import JsonOpt, PickleOpt, err, handle_errors, out, print_json, warn
+from moekit.data import FORMATS as TEXT_FORMATS
 from moekit.errors import EXIT_CHECK_FAILED, MoekitError, UsageError
 
 ModelArg = Annotated[str, typer.Argument(show_default=False, help="Model folder, .gguf file, or a built-in name (smollm2-135m).")]
@@ -19,7 +20,7 @@ ModelArg = Annotated[str, typer.Argument(show_default=False, help="Model folder,
 def verify_command(
     parent: ModelArg,
     child: ModelArg,
-    data: Annotated[Path | None, typer.Option(help="Compare on this text (.txt, or .jsonl with a \"text\" field), tokenised by PARENT's tokenizer. Default: random token ids.", show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option(help=f"Compare on this text, tokenised by PARENT's tokenizer: {TEXT_FORMATS} (a .txt is compared as it is, not in paragraphs). Default: random token ids.", show_default=False)] = None,
     tokens: Annotated[int, typer.Option(min=1, help="Token positions to compare.")] = 4096,
     batch: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,

@@ -15,56 +15,26 @@ Everything here is plain torch + transformers: no CLI, no printing, no downloads
 
 from __future__ import annotations
 
-import ast
-import json
-import sysconfig
-from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from moekit.data.text import batches, calibration_texts, encode, pack_text, separator
 from moekit.errors import MoekitError
 from moekit.runtime.capture import collect_mlp_inputs_from_ids, prompt_mlp_inputs
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of `text`, without the special tokens a tokenizer may add on its own."""
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
 # --------------------------------------------------------------------------- MLP inputs of calibration text
-
-
-def pack_token_ids(docs: Iterable[list[int]], seq_len: int, separator: int | None) -> list[torch.Tensor]:
-    """Documents joined into one stream (with `separator` between them) and cut into [1, seq_len]
-    rows: every position is a real token, so no padding or attention mask is needed. A shorter
-    remainder becomes the last row, unless it is a single token (nothing to keep after position 0)."""
-    stream: list[int] = []
-    for ids in docs:
-        if ids:
-            stream.extend(ids + ([separator] if separator is not None else []))
-    rows = [stream[s : s + seq_len] for s in range(0, len(stream), seq_len)]
-    return [torch.tensor([r]) for r in rows if len(r) > 1]
 
 
 def collect_mlp_inputs(
     model, texts: list[str], tokenizer, layers: list[int], max_tokens: int, seq_len: int, device, batch_size: int = 8
 ) -> dict[int, torch.Tensor]:
     """`collect_mlp_inputs_from_ids` on calibration text: tokenised, packed into seq_len rows."""
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     # Tokenise only what can be used: max_tokens, the skipped first position of each row, a row of slack.
-    docs, budget = [], max_tokens + max_tokens // max(seq_len - 1, 1) + seq_len
-    for text in texts:
-        if budget <= 0:
-            break
-        docs.append(encode(tokenizer, text))
-        budget -= len(docs[-1]) + 1
-    rows = pack_token_ids(docs, seq_len, separator)
-    # Full rows batch together; the shorter last row (if any) runs on its own.
-    full = [r for r in rows if r.shape[1] == seq_len]
-    batches = [torch.cat(full[s : s + batch_size]) for s in range(0, len(full), batch_size)]
-    batches += [r for r in rows if r.shape[1] != seq_len]
-    return collect_mlp_inputs_from_ids(model, batches, layers, max_tokens, device)
+    budget = max_tokens + max_tokens // max(seq_len - 1, 1) + seq_len
+    rows = pack_text(texts, tokenizer, seq_len, separator=separator(tokenizer), budget=budget)
+    return collect_mlp_inputs_from_ids(model, batches(rows, batch_size), layers, max_tokens, device)
 
 
 def calibration_mlp_inputs(source, layers: list[int], calibration, max_tokens: int, device,
@@ -74,7 +44,7 @@ def calibration_mlp_inputs(source, layers: list[int], calibration, max_tokens: i
     from moekit.hf import load_model, load_tokenizer
 
     model, tokenizer = load_model(source, torch.float32, device, allow_pickle=allow_pickle)[0], load_tokenizer(source)
-    texts = read_text_file(calibration) if calibration else builtin_calibration_text()
+    texts = calibration_texts(calibration)
     return collect_mlp_inputs(model, texts, tokenizer, layers, max_tokens, seq_len=512, device=device)
 
 
@@ -208,94 +178,3 @@ def prompt_router_rows(
             r = r - neg[layer]
         rows[layer] = torch.nn.functional.normalize(r, dim=-1)
     return rows
-
-
-# --------------------------------------------------------------------------- calibration text
-
-# Stdlib modules with long, prose-heavy docstrings (module, class and function level).
-_DOC_MODULES = ("argparse", "difflib", "textwrap", "heapq", "bisect", "fractions", "decimal", "pickle",
-                "threading", "subprocess", "shutil", "tarfile", "zipfile", "logging/__init__", "email/message",
-                "http/client", "http/cookiejar", "unittest/case", "collections/__init__", "functools", "inspect",
-                "typing", "dataclasses", "enum", "datetime", "calendar", "locale", "gettext", "random", "statistics")
-
-
-def builtin_calibration_text(max_chars: int = 200_000) -> list[str]:
-    """Real English text that ships with every Python install, as paragraphs: the prose of the
-    stdlib's LICENSE.txt, then docstrings of a fixed list of stdlib modules. Deterministic for a
-    given Python version; no download."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    paragraphs: list[str] = []
-    license_file = stdlib / "LICENSE.txt"
-    if license_file.is_file():  # some distributions strip it
-        paragraphs += _paragraphs(license_file.read_text(encoding="utf-8", errors="replace"))
-    for module in _DOC_MODULES:
-        source = stdlib / f"{module}.py"
-        if not source.is_file():
-            continue
-        try:
-            tree = ast.parse(source.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    paragraphs += _paragraphs(doc)
-    prose = [p for p in paragraphs if _is_prose(p)]
-    out, total = [], 0
-    for p in prose:
-        if total >= max_chars:
-            break
-        out.append(p[: max_chars - total])
-        total += len(out[-1])
-    if not out:
-        raise MoekitError(f"{stdlib}: found no built-in calibration text; pass a text file with --calibration")
-    return out
-
-
-def _paragraphs(text: str) -> list[str]:
-    """Blank-line separated blocks, each with its wrapped lines joined by single spaces."""
-    blocks = [b for b in text.replace("\r\n", "\n").split("\n\n")]
-    return [" ".join(line.strip() for line in b.splitlines() if line.strip()) for b in blocks if b.strip()]
-
-
-def _is_prose(p: str) -> bool:
-    """Sentences rather than code samples, tables or rulers: long enough, mostly letters."""
-    if len(p) < 80 or p.startswith(">>>") or "===" in p or "---" in p:
-        return False
-    letters = sum(ch.isalpha() or ch.isspace() for ch in p)
-    return letters / len(p) > 0.85
-
-
-def read_text_file(path: str | Path) -> list[str]:
-    """A user's calibration file: `.jsonl` (one JSON object per line, its "text" field) or plain
-    text (any other suffix; split into paragraphs at blank lines)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise MoekitError(f"{path}: no such calibration file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = f.read()
-    except UnicodeDecodeError:
-        raise MoekitError(f"{path}: not UTF-8 text; calibration files are .txt or .jsonl") from None
-    except OSError as e:
-        raise MoekitError(f"{path}: cannot read it: {(e.strerror or str(e)).lower()}") from None
-    if path.suffix == ".jsonl":
-        texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoekitError(f"{path}:{n}: not valid JSON ({e})") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise MoekitError(f'{path}:{n}: expected an object with a "text" string')
-            if text.strip():
-                texts.append(text)
-    else:
-        texts = [p for p in (b.strip() for b in raw.replace("\r\n", "\n").split("\n\n")) if p]
-    if not texts:
-        raise MoekitError(f"{path}: no text in it")
-    return texts

@@ -5,38 +5,17 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from moekit.data.text import TRAINING, pack_text, read_texts, separator
 from moekit.errors import MoekitError
 
 
 def load_text_rows(path: str | Path, tokenizer, seq_len: int) -> list[list[int]]:
-    """Token rows of exactly `seq_len` ids from a .txt (paragraphs), .jsonl/.json or .parquet file
-    (its "text" column), read with `datasets`; documents are joined with the EOS token between them
-    and cut into rows, so no padding is needed and no token is wasted but the last partial row."""
-    import datasets
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise MoekitError(f"{path}: no such data file")
-    builder, kw = {".jsonl": ("json", {}), ".json": ("json", {}), ".parquet": ("parquet", {})}.get(
-        path.suffix, ("text", {"sample_by": "paragraph"}))
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kw)
-    except Exception as e:  # datasets raises many types for unreadable files
-        raise MoekitError(f"{path}: cannot read it as {builder} data: {' '.join(str(e).split())[:300]}") from None
-    if "text" not in ds.column_names:
-        raise MoekitError(f"{path}: no \"text\" column (it has {', '.join(ds.column_names) or 'none'})")
-    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-
-    def pack(batch):
-        stream = [t for text in batch["text"] if text and text.strip()
-                  for t in [*tokenizer(text, add_special_tokens=False)["input_ids"], *([sep] if sep is not None else [])]]
-        return {"input_ids": [stream[s : s + seq_len] for s in range(0, len(stream) - seq_len + 1, seq_len)]}
-
-    packed = ds.map(pack, batched=True, batch_size=10_000, remove_columns=ds.column_names, keep_in_memory=True)
-    rows = packed["input_ids"] if len(packed) else []  # an empty result has no columns at all
+    """Token rows of exactly `seq_len` ids from a text file (`moekit.data.text`); documents are
+    joined with the EOS token between them and cut into rows, so no padding is needed."""
+    texts = read_texts(path, TRAINING)
+    rows = pack_text(texts, tokenizer, seq_len, separator=separator(tokenizer), min_last=seq_len, docs_per_pack=10_000)
     if not rows:
-        raise MoekitError(f"{path}: fewer than --seq-len {seq_len} tokens of text in it")
+        raise MoekitError(f"{Path(path).expanduser()}: fewer than --seq-len {seq_len} tokens of text in it")
     return rows
 
 
