@@ -15,8 +15,6 @@ Everything here is plain torch + transformers: no CLI, no printing, no downloads
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 
 from moekit.data.text import batches, calibration_texts, encode, pack_text, separator
