@@ -105,7 +105,7 @@ def moekit_run(folder: Path, rows: torch.Tensor, steps: int, timed_from: int, lr
                               callbacks=[timer])
     gc.collect()
     torch.cuda.empty_cache()
-    return {"ms_per_step": timer.ms_per_step, "peak_gib": summary["peak memory GiB"], "losses": losses,
+    return {"ms_per_step": timer.ms_per_step, "peak_gib": summary["peak_memory_gib"], "losses": losses,
             "first_loss": losses[0], "last_loss": losses[-1], "experts": summary["experts"],
             "weights": "fp32 master, bf16 autocast", "options": options}
 

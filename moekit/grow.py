@@ -63,7 +63,6 @@ def run_add_experts(opts: AddExpertsOptions, progress: Progress | None = None) -
               "data distribution. `moekit.json` carries the freeze manifest (old experts, old router rows and the "
               "rest of the network frozen) that `moekit train` applies."),
         max_shard_size=parse_size(opts.max_shard_size), overwrite=opts.overwrite, progress=progress)
-    summary = {**summary, "output": str(result.path), "bytes": result.bytes_written, "seconds": round(result.seconds, 2)}
     if opts.drift_tokens:
         summary["drift"] = _drift(ckpt, result.path, opts, device)
     return result, summary

@@ -122,7 +122,7 @@ def write_model(target: Path, source: Checkpoint, outputs: list[OutputTensor], *
         # auto_map names the source's own Python files, which an output never carries (nor runs)
         out.write_json("config.json", {k: v for k, v in config.items() if k != "auto_map"})
         seconds = time.perf_counter() - start
-        summary = {**summary, "bytes written": out.total_bytes, "seconds": round(seconds, 2),
+        summary = {**summary, "bytes": out.total_bytes, "seconds": round(seconds, 2),
                    "shards": len(out.shards)}
         record = {**build_record(operation, options, records(), layers, summary), **(extra or {})}
         if notes:

@@ -140,8 +140,7 @@ def run_prune(opts: PruneOptions, progress: Progress | None = None) -> tuple[Wri
               "(the map and every score are in `moekit.json`), router rows and selection biases sliced to them, "
               f"routed top-{plan.top_k}."),
         max_shard_size=parse_size(opts.max_shard_size), overwrite=opts.overwrite, progress=progress)
-    return result, {**summary, "output": str(result.path), "bytes": result.bytes_written,
-                    "seconds": round(result.seconds, 2), "MB/s": round(result.mb_per_s, 1)}
+    return result, summary
 
 
 def _number(v: float) -> float | None:

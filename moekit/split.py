@@ -52,6 +52,5 @@ def run_split(opts: SplitOptions, progress: Progress | None = None) -> tuple[Wri
               + ("It computes exactly what its source computes." if plan.exact else
                  "Top-k was changed from K·G, so it is close to, not equal to, its source.")),
         max_shard_size=shard, overwrite=opts.overwrite, progress=progress)
-    return result, {**summary, "output": str(result.path), "bytes": result.bytes_written,
-                    "seconds": round(result.seconds, 2), "MB/s": round(result.mb_per_s, 1)}
+    return result, summary
 

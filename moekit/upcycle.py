@@ -45,8 +45,7 @@ def run_upcycle(opts: UpcycleOptions, progress: Progress | None = None) -> tuple
                  "Experts were perturbed on purpose (noise / Drop-Upcycling) or the router is not one its routing is "
                  "exact with, so it is close to, not equal to, its parent.")),
         extra_sources=extra, max_shard_size=shard, overwrite=opts.overwrite, progress=progress, notes=plan.notes)
-    return result, {**summary, "output": str(result.path), "bytes": result.bytes_written,
-                    "seconds": round(result.seconds, 2), "MB/s": round(result.mb_per_s, 1)}
+    return result, summary
 
 
 def data_router_rows(ckpt: Checkpoint, opts: UpcycleOptions, layers: list[int]) -> dict[int, torch.Tensor]:

@@ -83,6 +83,6 @@ def test_train_on_cuda_with_checkpointing(tiny_models, tmp_path):
     opts = TrainOptions(steps=4, lr=3e-3, batch_size=4, seq_len=32, aux_loss_coef=0.01, gradient_checkpointing=True,
                         eval_share=0.1, eval_every=2, save_every=2, log_every=1)
     summary = train_model(tiny_models("qwen3_moe"), tmp_path / "out", rows, None, None, opts)
-    assert summary["experts"].startswith("grouped_mm") and summary["peak memory GiB"] > 0
-    assert summary["last eval loss"] < summary["first eval loss"]
+    assert summary["experts"].startswith("grouped_mm") and summary["peak_memory_gib"] > 0
+    assert summary["last_eval_loss"] < summary["first_eval_loss"]
     assert summary["devices"].endswith("cuda") and (tmp_path / "out.checkpoints" / "checkpoint-4").is_dir()

@@ -74,4 +74,4 @@ def test_verify_in_llamacpp_without_the_converter_is_one_line(qwen2, tmp_path, m
     assert proc.returncode == 3 and "moekit[llamacpp]" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     proc = run_moekit("verify", str(qwen2), str(qwen2), "--runtime", "vllm")
-    assert proc.returncode == 2 and "unknown --runtime" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --runtime:") and "llama.cpp" in proc.stderr

@@ -249,7 +249,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_models, tmp_path, family,
         train_model(src, tmp_path / "resumed", rows, None, None, opts, checkpoints=tmp_path / "ckpt", on_log=stop_at_4)
     assert not (tmp_path / "resumed").exists() and (tmp_path / "ckpt" / "checkpoint-3").is_dir()
     resumed = train_model(src, tmp_path / "resumed", rows, None, None, opts, checkpoints=tmp_path / "ckpt", resume=True)
-    assert resumed["resumed from"].endswith("checkpoint-3") and resumed["steps"] == whole["steps"] == 6
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["steps"] == whole["steps"] == 6
     a, b = open_checkpoint(tmp_path / "whole"), open_checkpoint(tmp_path / "resumed")
     moved = [n for n in a.tensors if not torch.equal(a.load(n), open_checkpoint(src).load(n))]
     assert len(moved) > len(a.tensors) // 2  # training changed the model, so equality means something
@@ -364,7 +364,7 @@ def test_dense_continued_pretraining_with_eval_and_curve(tiny_models, text, tmp_
               "--lr-schedule", "cosine", "--min-lr-ratio", "0.1", "--eval-share", "0.1", "--eval-every", "2", "--json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert summary["first eval loss"] > summary["last eval loss"] and summary["experts"].startswith("none")
+    assert summary["first_eval_loss"] > summary["last_eval_loss"] and summary["experts"].startswith("none")
     curve = json.loads((out / "training_curve.json").read_text())
     assert [e["step"] for e in curve["eval"]] == [0, 2, 4]
     lrs = [h["learning_rate"] for h in curve["train"]]

@@ -3,11 +3,12 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from moekit.commands.common import JsonOpt, PickleOpt, SourceArg, handle_errors, out, print_json
+from moekit.commands.common import command, out, print_json
+from moekit.options import InspectOptions
 
 
-@handle_errors
-def inspect_command(source: SourceArg, json_output: JsonOpt = False, allow_pickle: PickleOpt = False) -> None:
+@command(InspectOptions)
+def inspect_command(opts: InspectOptions) -> None:
     """Describe a checkpoint from its config and tensor headers: no weights are loaded.
 
     Shows the architecture, layers, widths, experts / top-k / shared experts, the routing family,
@@ -24,11 +25,11 @@ def inspect_command(source: SourceArg, json_output: JsonOpt = False, allow_pickl
     from moekit.checkpoint import open_checkpoint
     from moekit.inspect import describe
 
-    ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
+    ckpt = open_checkpoint(opts.source, allow_pickle=opts.allow_pickle)
     report = describe(ckpt)
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     report["runtimes"] = runtimes.report(runtimes.Facts.of_folder(folder, ckpt.config, ckpt.tensors))
-    if json_output:
+    if opts.json_output:
         print_json(report)
     else:
         out.print(report_table(report))

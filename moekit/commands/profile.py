@@ -1,77 +1,18 @@
 from __future__ import annotations
 
 import json
-import math
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
 
-import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich import box
 from rich.table import Table
 
-from moekit.commands.common import PickleOpt, err, handle_errors, out, warn
-from moekit.data import FORMATS as TEXT_FORMATS
-from moekit.errors import MoekitError, UsageError
-
-ModelArg = Annotated[str, typer.Argument(show_default=False, help="MoE model folder (any MoE family transformers loads).")]
-DataOpt = Annotated[Optional[list[Path]], typer.Option("--data", help=f"Text file: {TEXT_FORMATS}; repeat for several domains. [default: built-in sample of real English text]", show_default=False)]
-MaxTokensOpt = Annotated[int, typer.Option(min=1, help="Tokens per domain (whole sequences of --seq-len).")]
-BatchOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward pass (one batch for MaxVio_batch, local balance loss and capacity).")]
-SeqLenOpt = Annotated[int, typer.Option(min=2, help="Tokens per sequence.")]
-DeviceArgOpt = Annotated[str, typer.Option(help="auto (cuda when available), cpu, cuda, cuda:N.")]
-RunDtypeOpt = Annotated[str, typer.Option(help="bf16 or fp32; auto: bf16 on CUDA, fp32 on CPU.")]
+from moekit.commands.common import batch_progress, command, err, out, run_settings, warn
+from moekit.errors import MoekitError
+from moekit.options import ProfileOptions
 
 
-def run_settings(device: str, dtype: str, seq_len: int, max_tokens: int):
-    """Validated device and dtype (before any loading); under `accelerate launch` / `torchrun`
-    each process takes its own GPU."""
-    import torch
-
-    from moekit.checkpoint.dtypes import parse_dtype
-    from moekit.hf import resolve_device
-    from moekit.profile import distributed_rank
-
-    if max_tokens < seq_len:
-        raise UsageError(f"--max-tokens {max_tokens} is less than one sequence (--seq-len {seq_len})")
-    where = resolve_device(device)
-    if where.type == "cuda" and distributed_rank()[1] > 1:
-        where = resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
-        torch.cuda.set_device(where)
-    return where, torch.bfloat16 if dtype == "auto" and where.type == "cuda" else parse_dtype("fp32" if dtype == "auto" else dtype)
-
-
-@contextmanager
-def batch_progress(label: str, enabled: bool):
-    """A progress bar over batches (on stderr, when it is a terminal); yields the callback `count_routing` takes."""
-    if not enabled or not err.is_terminal:
-        yield None
-        return
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("batches"), TimeRemainingColumn(),
-                   console=err, transient=True)
-    with bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
-
-
-@handle_errors
-def profile_command(
-    model: ModelArg,
-    data: DataOpt = None,
-    max_tokens: MaxTokensOpt = 65536,
-    batch_size: BatchOpt = 8,
-    seq_len: SeqLenOpt = 512,
-    device: DeviceArgOpt = "auto",
-    dtype: RunDtypeOpt = "auto",
-    device_map: Annotated[Optional[str], typer.Option(help="auto: spread a model larger than one GPU over all GPUs (accelerate).", show_default=False)] = None,
-    capacity_factors: Annotated[str, typer.Option(help="Capacity factors for drop rates, comma-separated.")] = "1.0,1.25,1.5,2.0",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number as JSON to this file (- for stdout).", show_default=False)] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write PNG figures into this folder: layer × expert load per domain, MaxVio per layer.", show_default=False)] = None,
-    html_out: Annotated[Optional[Path], typer.Option("--html", help="Write one self-contained HTML report (figures embedded).", show_default=False)] = None,
-    allow_pickle: PickleOpt = False,
-) -> None:
+@command(ProfileOptions)
+def profile_command(opts: ProfileOptions) -> None:
     """Measure how balanced an MoE model's routing is on real text.
 
     Hooks on every router count, on the device, the tokens each expert gets; per MoE layer and in
@@ -92,28 +33,23 @@ def profile_command(
     from moekit.architectures import MOE_CONFIG
     from moekit.profile import NOTHING_TO_PROFILE, distributed_rank, profile, read_domains
 
-    try:
-        factors = [float(f) for f in capacity_factors.split(",")]
-    except ValueError:
-        factors = []
-    if not factors or not all(math.isfinite(f) and f > 0 for f in factors):
-        raise UsageError(f"--capacity-factors takes positive numbers separated by commas, got {capacity_factors!r}")
-    where, torch_dtype = run_settings(device, dtype, seq_len, max_tokens)
-    config = open_checkpoint(model, allow_pickle=allow_pickle).config  # a dense model is refused before minutes of loading
+    where, torch_dtype = run_settings(opts.device, opts.dtype)
+    config = open_checkpoint(opts.model, allow_pickle=opts.allow_pickle).config  # a dense model fails before loading
     if config.get("model_type") not in MOE_CONFIG:
         raise MoekitError(NOTHING_TO_PROFILE)
-    domains = read_domains(data or [], load_tokenizer(model), seq_len, batch_size, max_tokens)
-    loaded, warnings = load_model(model, torch_dtype, where, device_map, allow_pickle=allow_pickle, complete=True)
+    domains = read_domains(opts.data, load_tokenizer(opts.model), opts.seq_len, opts.batch_size, opts.max_tokens)
+    loaded, warnings = load_model(opts.model, torch_dtype, where, opts.device_map, allow_pickle=opts.allow_pickle,
+                                  complete=True)
     main_process = distributed_rank()[0] == 0
-    with batch_progress("profiling", main_process and str(json_out) != "-") as progress:
-        report = profile(loaded, domains, factors, progress)
+    with batch_progress("profiling", main_process and str(opts.json_out) != "-") as progress:
+        report = profile(loaded, domains, opts.capacity_factors, progress)
     if not main_process:
         return
-    report = {"model": model, "device": f"device_map={device_map}" if device_map else str(where),
-              "dtype": config_name(torch_dtype), "batch_size": batch_size, "seq_len": seq_len, **report}
+    report = {"model": opts.model, "device": f"device_map={opts.device_map}" if opts.device_map else str(where),
+              "dtype": config_name(torch_dtype), "batch_size": opts.batch_size, "seq_len": opts.seq_len, **report}
     for w in warnings:
         warn(w)
-    publish(report, json_out, plot, html_out)
+    publish(report, opts.json_out, opts.plot, opts.html_out)
 
 
 def publish(report: dict, json_out: Path | None, plot: Path | None, html_out: Path | None) -> None:

@@ -4,36 +4,17 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from moekit.commands.common import JsonOpt, PickleOpt, err, handle_errors, out, print_json, warn
-from moekit.data import FORMATS as TEXT_FORMATS
-from moekit.errors import EXIT_CHECK_FAILED, MoekitError, UsageError
-
-ModelArg = Annotated[str, typer.Argument(show_default=False, help="Model folder, .gguf file, or a built-in name (smollm2-135m).")]
+from moekit.commands.common import command, err, out, print_json, warn
+from moekit.errors import EXIT_CHECK_FAILED, MoekitError
+from moekit.options import VerifyOptions
 
 
-@handle_errors
-def verify_command(
-    parent: ModelArg,
-    child: ModelArg,
-    data: Annotated[Path | None, typer.Option(help=f"Compare on this text, tokenised by PARENT's tokenizer: {TEXT_FORMATS} (a .txt is compared as it is, not in paragraphs). Default: random token ids.", show_default=False)] = None,
-    tokens: Annotated[int, typer.Option(min=1, help="Token positions to compare.")] = 4096,
-    batch: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
-    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 256,
-    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu, cuda, cuda:N.")] = "auto",
-    tolerance: Annotated[float, typer.Option(min=0.0, help="Largest max relative logit error that passes.")] = 1e-5,
-    dtype: Annotated[str, typer.Option(help="Dtype both models run in: float32, bfloat16, float16.")] = "float32",
-    seed: Annotated[int, typer.Option(help="Seed of the random token ids.")] = 0,
-    prompt: Annotated[str | None, typer.Option(help="Also generate greedily from this prompt with both models and compare the text.", show_default=False)] = None,
-    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate with --prompt.")] = 24,
-    runtime: Annotated[str, typer.Option(help="transformers, or llama.cpp: both models converted by llama.cpp's own converter (f32 GGUF; a .gguf is used as it is) and run by llama.cpp (pip install 'moekit[llamacpp]').")] = "transformers",
-    allow_pickle: PickleOpt = False,
-    json_output: JsonOpt = False,
-) -> None:
+@command(VerifyOptions)
+def verify_command(opts: VerifyOptions) -> None:
     """Check that CHILD computes what PARENT computes: run both on the same tokens, compare logits.
 
     Both models are loaded by stock transformers (no remote code) and run on the same token ids:
@@ -57,40 +38,41 @@ def verify_command(
     from moekit.verify import compare_models, greedy_continuations, make_inputs, vocab_size
 
     # Bad options and missing paths fail now, not after minutes of loading.
-    torch_dtype, where = parse_dtype(dtype), resolve_device(device)
-    resolve_source(parent), resolve_source(child)
-    if data is not None and not data.is_file():
-        raise MoekitError(f"{data}: no such file")
-    if runtime not in ("transformers", "llama.cpp"):
-        raise UsageError(f"unknown --runtime {runtime!r} (known: transformers, llama.cpp)")
-    if runtime == "llama.cpp":
-        if prompt is not None or dtype != "float32":
-            raise UsageError("--runtime llama.cpp compares f32 GGUF logits: --prompt and --dtype are transformers only")
-        return verify_in_llamacpp(parent, child, data, tokens, seq_len, seed, tolerance, json_output, allow_pickle)
+    torch_dtype, where = parse_dtype(opts.dtype), resolve_device(opts.device)
+    resolve_source(opts.parent), resolve_source(opts.child)
+    if opts.data is not None and not opts.data.is_file():
+        raise MoekitError(f"{opts.data}: no such file")
+    if opts.runtime == "llama.cpp":
+        return verify_in_llamacpp(opts)
     start = time.perf_counter()
-    parent_model, warnings = load_model(parent, torch_dtype, where, allow_pickle=allow_pickle)
-    child_model, child_warnings = load_model(child, torch_dtype, where, allow_pickle=allow_pickle)
+    parent_model, warnings = load_model(opts.parent, torch_dtype, where, allow_pickle=opts.allow_pickle)
+    child_model, child_warnings = load_model(opts.child, torch_dtype, where, allow_pickle=opts.allow_pickle)
     warnings += child_warnings
     vocab = min(vocab_size(parent_model), vocab_size(child_model))
-    batches = make_inputs(vocab, tokens, batch, seq_len, seed, data, load_tokenizer(parent) if data else None)
+    batches = make_inputs(vocab, opts.tokens, opts.batch, opts.seq_len, opts.seed, opts.data,
+                          load_tokenizer(opts.parent) if opts.data else None)
     load_seconds = time.perf_counter() - start
-    with err.status(f"comparing on {sum(b.numel() for b in batches):,} tokens", spinner="dots") if not json_output and err.is_terminal else nullcontext():
+    comparing = f"comparing on {sum(b.numel() for b in batches):,} tokens"
+    with err.status(comparing, spinner="dots") if not opts.json_output and err.is_terminal else nullcontext():
         result = compare_models(parent_model, child_model, batches)
 
-    if prompt is not None:
-        texts = greedy_continuations(parent_model, child_model, load_tokenizer(parent), prompt, new_tokens)
-        result.update(prompt=prompt, parent_generation=texts[0], child_generation=texts[1],
+    if opts.prompt is not None:
+        tokenizer = load_tokenizer(opts.parent)
+        texts = greedy_continuations(parent_model, child_model, tokenizer, opts.prompt, opts.new_tokens)
+        result.update(prompt=opts.prompt, parent_generation=texts[0], child_generation=texts[1],
                       same_generation=texts[0] == texts[1])
-    # NaN/inf errors compare False, so broken logits fail; with --prompt the text must match too
-    report = {"parent": parent, "child": child,
+    report = {"parent": opts.parent, "child": opts.child,
               "parent_type": parent_model.config.model_type, "child_type": child_model.config.model_type,
-              "inputs": str(data) if data else f"random ids (seed {seed})", "device": str(where), "dtype": config_name(torch_dtype),
-              **result, "load_seconds": load_seconds, "tolerance": tolerance, "warnings": warnings}
-    finish(report, json_output)
+              "inputs": inputs_name(opts), "device": str(where), "dtype": config_name(torch_dtype),
+              **result, "load_seconds": load_seconds, "tolerance": opts.tolerance, "warnings": warnings}
+    finish(report, opts.json_output)
 
 
-def verify_in_llamacpp(parent: str, child: str, data: Path | None, tokens: int, seq_len: int, seed: int,
-                       tolerance: float, json_output: bool, allow_pickle: bool) -> None:
+def inputs_name(opts: VerifyOptions) -> str:
+    return str(opts.data) if opts.data else f"random ids (seed {opts.seed})"
+
+
+def verify_in_llamacpp(opts: VerifyOptions) -> None:
     """Both models converted by llama.cpp's own converter (one process) and run by llama.cpp."""
     import tempfile
 
@@ -101,30 +83,32 @@ def verify_in_llamacpp(parent: str, child: str, data: Path | None, tokens: int, 
 
     llamacpp.load_bindings()  # a missing extra fails now, with the install hint
     start = time.perf_counter()
-    paths = {name: resolve_source(p) for name, p in (("parent", parent), ("child", child))}
+    paths = {"parent": resolve_source(opts.parent), "child": resolve_source(opts.child)}
     for path in paths.values():
         if path.suffix != ".gguf":
-            refuse_unsafe_folder(path, allow_pickle)
+            refuse_unsafe_folder(path, opts.allow_pickle)
     with tempfile.TemporaryDirectory(prefix="moekit-verify-") as tmp:
         ggufs = {n: p if p.suffix == ".gguf" else Path(tmp) / f"{n}.gguf" for n, p in paths.items()}
         todo = [(paths[n], g) for n, g in ggufs.items() if g != paths[n]]
-        with err.status("converting with llama.cpp's converter", spinner="dots") if todo and not json_output else nullcontext():
+        converting = err.status("converting with llama.cpp's converter", spinner="dots")
+        with converting if todo and not opts.json_output else nullcontext():
             converted = llamacpp.convert_many(todo) if todo else []
         for (src, _), r in zip(todo, converted):
             if not r["ok"]:
                 raise MoekitError(f"{src}: llama.cpp's converter refuses it: {r['error'][:300]}")
         vocab = min(_gguf_vocab(g) for g in ggufs.values())
-        batches = make_inputs(vocab, tokens, 1, seq_len, seed, data, load_tokenizer(parent) if data else None)
+        batches = make_inputs(vocab, opts.tokens, 1, opts.seq_len, opts.seed, opts.data,
+                              load_tokenizer(opts.parent) if opts.data else None)
         load_seconds = time.perf_counter() - start
-        with err.status(f"comparing on {sum(b.numel() for b in batches):,} tokens", spinner="dots") if not json_output else nullcontext():
+        comparing = err.status(f"comparing on {sum(b.numel() for b in batches):,} tokens", spinner="dots")
+        with comparing if not opts.json_output else nullcontext():
             result = compare_models(llamacpp_runner(ggufs["parent"]), llamacpp_runner(ggufs["child"]), batches)
     commit = llamacpp.vendored_commit()
-    report = {"parent": parent, "child": child, "parent_type": _gguf_arch(ggufs["parent"], paths["parent"]),
-              "child_type": _gguf_arch(ggufs["child"], paths["child"]),
-              "inputs": str(data) if data else f"random ids (seed {seed})",
+    report = {"parent": opts.parent, "child": opts.child, "parent_type": _gguf_arch(ggufs["parent"], paths["parent"]),
+              "child_type": _gguf_arch(ggufs["child"], paths["child"]), "inputs": inputs_name(opts),
               "device": "llama.cpp" + (f" {commit[:12]}" if commit else ""), "dtype": "float32 (GGUF f32, f32 KV cache)",
-              **result, "load_seconds": load_seconds, "tolerance": tolerance, "warnings": []}
-    finish(report, json_output)
+              **result, "load_seconds": load_seconds, "tolerance": opts.tolerance, "warnings": []}
+    finish(report, opts.json_output)
 
 
 def refuse_unsafe_folder(path: Path, allow_pickle: bool) -> None:

@@ -19,12 +19,13 @@ The pieces `moekit train` assembles, usable one by one with your own Trainer or 
 Nothing here prints; the command (`moekit.commands.train`) reports.
 """
 
+from moekit.options import TrainOptions  # tests and benchmarks import it from here
 from moekit.training.data import hold_out, load_text_rows, mix_rows
 from moekit.training.experts import enable_checkpointing, use_experts_implementation
 from moekit.training.losses import kd_loss, mean_token_loss, next_token_loss, token_loss_sum
 from moekit.training.manifest import apply_freeze, check_run, manifest_masks, read_manifest
-from moekit.training.trainer import (LifelongTrainer, TrainOptions, check_options, checkpoint_folder, collate,
-                                     last_checkpoint, train_model)
+from moekit.training.trainer import (LifelongTrainer, check_options, checkpoint_folder, collate, last_checkpoint,
+                                     train_model)
 
 __all__ = ["LifelongTrainer", "TrainOptions", "apply_freeze", "check_options", "check_run", "checkpoint_folder",
            "collate", "enable_checkpointing", "hold_out", "kd_loss", "last_checkpoint", "load_text_rows",

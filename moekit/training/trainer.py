@@ -7,7 +7,6 @@ import json
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,6 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from moekit.architectures import MOE_CONFIG, SOFTMAX_RENORM, Routing
 from moekit.errors import MoekitError, UsageError
 from moekit.metrics import balance_loss, z_loss
+from moekit.options import TrainOptions
 from moekit.runtime.moe import RoutingCounter, find_moe_layers, moe_layers, router_logits
 from moekit.runtime.transformers_private import set_loss_is_batch_mean, to_disk_names
 from moekit.training.callbacks import EvalCallback, FreezeCallback, LogTo, LossFreeBalanceCallback, RoutingStatsCallback
@@ -29,36 +29,6 @@ from moekit.training.manifest import apply_freeze, check_run
 
 SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_lr", "wsd": "warmup_stable_decay"}
 BALANCE_MODES = ("global", "micro")
-
-
-@dataclass
-class TrainOptions:
-    steps: int = 100
-    lr: float = 1e-4
-    lr_schedule: str = "constant"  # constant | cosine | wsd (warm-up, stable, decay), all after warmup_steps
-    min_lr_ratio: float = 0.1  # the floor of cosine and wsd, as a share of lr
-    decay_share: float = 0.2  # wsd: the share of the steps that decays
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 512
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # 0: no clipping
-    kd_weight: float = 0.0
-    aux_loss_coef: float = 0.0
-    balance: str = "global"  # global (Qwen) | micro: where the Switch loss's f comes from
-    z_loss_coef: float = 0.0
-    bias_update_rate: float = 1e-3
-    bias_update: str = "fixed"  # fixed (DeepSeek) | adaptive (Rprop steps, as `moekit balance`)
-    replay_ratio: float = 0.25
-    eval_share: float = 0.0  # rows of the training text held out for evaluation (without eval rows given)
-    eval_every: int = 50
-    save_every: int = 0  # checkpoint every N steps (0: none)
-    gradient_checkpointing: bool = False
-    experts_implementation: str = "grouped_mm"  # transformers 5.x: grouped_mm | batched_mm | eager
-    seed: int = 0
-    log_every: int = 10
-    device: str = "auto"  # auto: what accelerate picks (every GPU under `accelerate launch`); cpu
 
 
 def check_options(opts: TrainOptions) -> None:
@@ -314,16 +284,16 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     summary = {
         "steps": trainer.state.global_step, "tokens": trainer.state.global_step * tokens_per_step,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
-        "trainable params": freeze.trainable_params, "frozen params": freeze.frozen_params,
-        "gradient-masked tensors": len(freeze.masked_tensors), "first loss": logs[0]["loss"] if logs else None,
-        "last loss": logs[-1]["loss"] if logs else None,
-        "first eval loss": evals[0]["eval_loss"] if evals else None,
-        "last eval loss": evals[-1]["eval_loss"] if evals else None,
-        "maxvio_batch last": stats.last.get("maxvio_batch") if stats else None,
-        "experts": experts, "lr schedule": opts.lr_schedule, "balance": opts.balance if opts.aux_loss_coef else None,
-        "gradient checkpointing": opts.gradient_checkpointing,
-        "peak memory GiB": round(torch.cuda.max_memory_allocated(args.device) / 2**30, 2) if cuda else None,
-        "resumed from": last, "devices": f"{args.world_size} x {args.device.type}"}
+        "trainable_params": freeze.trainable_params, "frozen_params": freeze.frozen_params,
+        "gradient_masked_tensors": len(freeze.masked_tensors), "first_loss": logs[0]["loss"] if logs else None,
+        "last_loss": logs[-1]["loss"] if logs else None,
+        "first_eval_loss": evals[0]["eval_loss"] if evals else None,
+        "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "last_maxvio_batch": stats.last.get("maxvio_batch") if stats else None,
+        "experts": experts, "lr_schedule": opts.lr_schedule, "balance": opts.balance if opts.aux_loss_coef else None,
+        "gradient_checkpointing": opts.gradient_checkpointing,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(args.device) / 2**30, 2) if cuda else None,
+        "resumed_from": last, "devices": f"{args.world_size} x {args.device.type}"}
     if trainer.is_world_process_zero():
         curve = {"train": logs, "eval": evals}
         written = save_trained(model, ckpt, output, overwrite=overwrite, opts=opts, manifest=manifest,
@@ -394,7 +364,7 @@ def save_trained(model, ckpt, output: Path, *, overwrite: bool, opts: TrainOptio
         return t.to("cpu", meta.dtype)
 
     outputs = [OutputTensor(m, partial(produce, m)) for m in ckpt.tensors.values()]
-    options = {**asdict(opts), "freeze": "manifest" if manifest else "none", **record}
+    options = {**opts.model_dump(), "freeze": "manifest" if manifest else "none", **record}
     layers = [{"moe_layers": manifest.get("moe_layers", {})}] if manifest else []
     result = write_model(
         output, ckpt, outputs, config=ckpt.config, operation="train", options=options, layers=layers,
