@@ -31,7 +31,7 @@ def build_big_mixtral(dest: Path, hidden=2048, layers=16, experts=8, d_ff=2048, 
     import torch
 
     from moekit.checkpoint import CheckpointWriter, TensorMeta
-    from moekit.targets import PROJS, TARGETS as LAYOUTS
+    from moekit.targets import TARGETS as LAYOUTS
 
     t = LAYOUTS["mixtral"]
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
@@ -40,9 +40,7 @@ def build_big_mixtral(dest: Path, hidden=2048, layers=16, experts=8, d_ff=2048, 
         shapes |= {p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)}
         shapes |= {p + f"self_attn.{x}_proj.weight": (hidden, hidden) for x in "qkvo"}
         shapes[t.router.format(i=i)] = (experts, hidden)
-        for e in range(experts):
-            for proj in PROJS:
-                shapes[t.expert.format(i=i, e=e, proj=t.proj[proj])] = (hidden, d_ff) if proj == "down" else (d_ff, hidden)
+        shapes |= t.experts.shapes(i, experts, d_ff, hidden)
     shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
     plan = [TensorMeta(n, s, torch.bfloat16) for n, s in shapes.items()]
     print(f"building {dest.name}: {sum(m.numel for m in plan) / 1e9:.2f}B parameters, bf16, 1 GB shards", flush=True)

@@ -1,14 +1,20 @@
 """What moekit knows about each architecture, as data.
 
 `ROUTING` names how a router turns logits into expert weights (BRIEF §2): it decides whether a
-surgery is exact. `MOE_CONFIG` says which config fields hold the expert counts of every MoE family
-transformers ships, including the ones moekit only reads. The surgery targets (which keys hold
-experts and routers on disk) live in `moekit.targets`.
+surgery is exact. `MOE_CONFIG` is the one table of config fields of every MoE family transformers
+ships: the surgeries write them (`moekit.targets` rows read theirs from here), inspect, profile,
+training and balance read them. The surgery targets (which keys hold experts and routers on disk)
+live in `moekit.targets`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moekit.checkpoint import TensorMeta
 
 
 @dataclass(frozen=True)
@@ -30,24 +36,35 @@ class MoEConfigFields:
     """Config fields of one MoE family; None where the family has no such field."""
 
     routing: Routing
-    experts: str | tuple[str, ...]  # several names: the first one present wins
+    experts: str | tuple[str, ...]  # several names: a reader takes the first one present, a writer sets all
     top_k: str = "num_experts_per_tok"
-    expert_width: str | None = "moe_intermediate_size"
+    expert_width: str = "moe_intermediate_size"
     shared_experts: str | None = None  # a count of shared experts
     shared_width: str | None = None  # a width: one shared expert when > 0
+    moe_layers: str = "all"  # how the config says which layers are MoE: all | sparse_step | first_k
+
+    @property
+    def expert_fields(self) -> tuple[str, ...]:
+        """Every field that holds the expert count (what a surgery that changes it sets)."""
+        return (self.experts,) if isinstance(self.experts, str) else self.experts
 
 
 MOE_CONFIG: dict[str, MoEConfigFields] = {
     "mixtral": MoEConfigFields(SOFTMAX_RENORM, "num_local_experts", expert_width="intermediate_size"),
-    "qwen2_moe": MoEConfigFields(SOFTMAX_TOPK, "num_experts", shared_width="shared_expert_intermediate_size"),
+    "qwen2_moe": MoEConfigFields(SOFTMAX_TOPK, "num_experts", shared_width="shared_expert_intermediate_size",
+                                 moe_layers="sparse_step"),
     # transformers 5.x serialises this count as num_local_experts; 4.57 reads num_experts
-    "qwen3_moe": MoEConfigFields(SOFTMAX_TOPK, ("num_experts", "num_local_experts")),
+    "qwen3_moe": MoEConfigFields(SOFTMAX_TOPK, ("num_experts", "num_local_experts"), moe_layers="sparse_step"),
     "olmoe": MoEConfigFields(SOFTMAX_TOPK, "num_experts", expert_width="intermediate_size"),
     "flex_olmo": MoEConfigFields(SOFTMAX_TOPK, "num_experts", expert_width="intermediate_size"),
-    "glm4_moe": MoEConfigFields(SIGMOID_BIASED, "n_routed_experts", shared_experts="n_shared_experts"),
-    "deepseek_v3": MoEConfigFields(SIGMOID_BIASED, "n_routed_experts", shared_experts="n_shared_experts"),
-    "dots1": MoEConfigFields(SIGMOID_BIASED, "n_routed_experts", shared_experts="n_shared_experts"),
-    "deepseek_v2": MoEConfigFields(SOFTMAX_GROUPED, "n_routed_experts", shared_experts="n_shared_experts"),
+    "glm4_moe": MoEConfigFields(SIGMOID_BIASED, "n_routed_experts", shared_experts="n_shared_experts",
+                                moe_layers="first_k"),
+    "deepseek_v3": MoEConfigFields(SIGMOID_BIASED, "n_routed_experts", shared_experts="n_shared_experts",
+                                   moe_layers="first_k"),
+    "dots1": MoEConfigFields(SIGMOID_BIASED, "n_routed_experts", shared_experts="n_shared_experts",
+                             moe_layers="first_k"),
+    "deepseek_v2": MoEConfigFields(SOFTMAX_GROUPED, "n_routed_experts", shared_experts="n_shared_experts",
+                                   moe_layers="first_k"),
     "granitemoe": MoEConfigFields(TOPK_SOFTMAX, "num_local_experts", expert_width="intermediate_size"),
     "granitemoeshared": MoEConfigFields(TOPK_SOFTMAX, "num_local_experts", expert_width="intermediate_size",
                                         shared_width="shared_intermediate_size"),
@@ -58,6 +75,19 @@ MOE_CONFIG: dict[str, MoEConfigFields] = {
 
 # Dense families moekit does surgery on, all with a SwiGLU `mlp.{gate,up,down}_proj` FFN.
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite")
+
+
+# Tensor names: a layer's, a shared expert's, a routed expert's (per-expert or fused Granite keys).
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+SHARED = re.compile(r"shared_expert|shared_mlp")
+ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(?:input|output)_linear\.")
+
+
+def holds_routed_experts(tensors: dict[str, TensorMeta]) -> bool:
+    """True for an MoE checkpoint: a layer holds routed (not shared) expert weights. The same test
+    as `moekit inspect`'s kind, from tensor headers alone."""
+    return any(LAYER.search(name) and not SHARED.search(name) and ROUTED.search(name) and meta.numel
+               for name, meta in tensors.items())
 
 
 def read_field(config: dict, field: str | tuple[str, ...] | None):

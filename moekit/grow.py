@@ -9,12 +9,12 @@ from typing import Callable
 
 import torch
 
+from moekit.architectures import holds_routed_experts
 from moekit.checkpoint import Checkpoint, open_checkpoint
 from moekit.checkpoint.dtypes import parse_dtype
 from moekit.checkpoint.planned import PlannedCheckpoint
 from moekit.checkpoint.writer import parse_size
 from moekit.errors import MoekitError, UsageError
-from moekit.inspect import describe
 from moekit.options import AddExpertsOptions
 from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
 from moekit.surgery.grow import plan_add_experts, select_experts
@@ -31,7 +31,7 @@ def run_add_experts(opts: AddExpertsOptions, progress: Progress | None = None) -
                          "so new experts go into all of them (train only some by editing the freeze manifest)")
     dtype = parse_dtype(opts.dtype) if opts.dtype else None
     ckpt = open_checkpoint(opts.source, allow_pickle=opts.allow_pickle, dtype=dtype)
-    dense = describe(ckpt)["kind"] == "dense"
+    dense = not holds_routed_experts(ckpt.tensors)
     source: Checkpoint = ckpt
     if dense:
         up = plan_upcycle(ckpt, opts.target, opts.experts, min(2, opts.experts), dtype=dtype, seed=opts.seed)

@@ -10,12 +10,9 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 
-from moekit.architectures import DENSE_FAMILIES, MOE_CONFIG, read_field
-from moekit.checkpoint.reader import Checkpoint, TensorMeta
+from moekit.architectures import DENSE_FAMILIES, LAYER, MOE_CONFIG, ROUTED, SHARED, read_field
+from moekit.checkpoint import Checkpoint, TensorMeta
 
-LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-SHARED = re.compile(r"shared_expert|shared_mlp")
-ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(?:input|output)_linear\.")
 EXPERT_ID = re.compile(r"\.experts\.(\d+)\.")
 ROUTER = re.compile(r"\.(?:mlp|block_sparse_moe|ffn)\.(?:gate|router|router\.layer)\.weight$")
 DENSE_FFN_UP = re.compile(r"\.mlp\.(?:up_proj|gate_proj|c_fc|fc1)\.weight$")

@@ -20,18 +20,18 @@ from contextlib import nullcontext
 
 import torch
 
-from moekit.architectures import read_field
+from moekit.architectures import holds_routed_experts, read_field
 from moekit.checkpoint import open_checkpoint
 from moekit.checkpoint.dtypes import parse_dtype
 from moekit.checkpoint.writer import parse_size
 from moekit.errors import MoekitError, UsageError
-from moekit.inspect import describe
 from moekit.options import PruneOptions
 from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
 from moekit.runtime.decoder import input_device, run_decoder
 from moekit.runtime.moe import ExpertNorms, RoutingCounter, find_moe_layers
-from moekit.surgery.layout import moe_layer_indices, source_target
+from moekit.surgery.layout import source_target
 from moekit.surgery.prune import check_prune, choose_kept, keep_count, plan_prune
+from moekit.surgery.requirements import moe_layer_indices
 
 METHODS = ("reap", "frequency", "ean", "random")
 NEEDS_NORMS = ("reap", "ean")
@@ -103,11 +103,11 @@ def run_prune(opts: PruneOptions, progress: Progress | None = None) -> tuple[Wri
                          "needs a calibration pass (drop --profile)")
     dtype = parse_dtype(opts.dtype) if opts.dtype else None
     ckpt = open_checkpoint(opts.source, allow_pickle=opts.allow_pickle, dtype=dtype)
-    if describe(ckpt)["kind"] == "dense":
+    if not holds_routed_experts(ckpt.tensors):
         raise MoekitError(f"{ckpt.path} is a dense model: it has no experts to prune")
     target = source_target(ckpt)
     cfg = ckpt.config
-    n = read_field(cfg, target.experts_fields)
+    n = read_field(cfg, target.fields.expert_fields)
     keep = keep_count(n, opts.keep, opts.ratio)
     check_prune(ckpt, keep, opts.top_k)  # options valid before any forward pass
     layers = moe_layer_indices(ckpt, target)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from moekit.architectures import holds_routed_experts
 from moekit.checkpoint import Checkpoint, open_checkpoint
 from moekit.checkpoint.dtypes import parse_dtype
 from moekit.checkpoint.planned import PlannedCheckpoint
 from moekit.checkpoint.writer import parse_size
-from moekit.inspect import describe
 from moekit.options import SplitOptions
 from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
 from moekit.surgery.router_init import calibration_mlp_inputs
@@ -20,7 +20,7 @@ def run_split(opts: SplitOptions, progress: Progress | None = None) -> tuple[Wri
     dtype = parse_dtype(opts.dtype) if opts.dtype else None
     shard = parse_size(opts.max_shard_size)
     ckpt = open_checkpoint(opts.source, allow_pickle=opts.allow_pickle, dtype=dtype)
-    dense = describe(ckpt)["kind"] == "dense"
+    dense = not holds_routed_experts(ckpt.tensors)
     source: Checkpoint = ckpt
     if dense:  # MoEfication: one expert (the FFN) per layer, split G ways; the router starts at zero
         up = plan_upcycle(ckpt, opts.target, 1, 1, shared=opts.shared_experts, moe_layers_spec=opts.moe_layers,

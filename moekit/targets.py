@@ -1,19 +1,20 @@
-"""MoE architectures moekit writes: where each keeps experts and routers on disk, and which config
-fields an upcycle sets. One `Target` per architecture; adding one is adding a row (see docs/upcycle.md).
+"""MoE architectures moekit writes: where each keeps experts and routers on disk, and the config
+values an upcycle sets. One `Target` per architecture; adding one is adding a row here and its config
+fields in `moekit.architectures.MOE_CONFIG` (see docs/upcycle.md).
 
-Key templates use `{i}` for the layer, `{e}` for the expert and `{proj}` for the FFN projection,
-whose names the target maps from moekit's `gate` / `up` / `down` (SwiGLU: down(act(gate x) * up x)).
+Key templates use `{i}` for the layer; how experts lie on disk (per expert or fused) is an
+`ExpertLayout` (`moekit.layouts`), whose `{e}` is the expert and `{proj}` the FFN projection.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
-from moekit.architectures import SIGMOID_BIASED, SOFTMAX_RENORM, SOFTMAX_TOPK, TOPK_SOFTMAX, Routing
+from moekit.architectures import MOE_CONFIG, MoEConfigFields, Routing
+from moekit.layouts import ExpertLayout, Fused, PerExpert
 
-PROJS = ("gate", "up", "down")  # moekit's names for a SwiGLU FFN's projections
 DENSE_FFN = "model.layers.{i}.mlp.{proj}_proj.weight"
-HF_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -21,86 +22,84 @@ EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 class Target:
     model_type: str
     architecture: str
-    routing: Routing
     parents: tuple[str, ...]  # dense model_types whose upcycle into this target is exact
     router: str
-    expert: str | None = None  # per-expert key template
-    proj: dict[str, str] = field(default_factory=lambda: dict(HF_PROJ))
-    fused_gate_up: str | None = None  # granite: one [E, 2I, H] tensor, gate rows then up rows
-    fused_down: str | None = None  # granite: one [E, H, I] tensor
+    experts: ExpertLayout  # the routed experts
     router_bias: str | None = None  # selection-only bias (DeepSeek-V3 style), fp32
-    shared: str | None = None  # shared expert key template, with {proj}
+    shared: ExpertLayout | None = None  # the shared expert(s), one tensor set of their summed width
     shared_gate: str | None = None  # Qwen2-MoE: sigmoid gate on the shared expert, [1, H]
-    shared_fused: tuple[str, str] | None = None  # granite shared MLP: (gate_up key, down key)
     shared_range: tuple[int, int] = (0, 0)  # how many shared experts the target can hold
-    experts_fields: tuple[str, ...] = ()  # config fields that hold N (several: both transformers lines)
-    width_field: str = "intermediate_size"  # config field of the expert width
-    shared_field: str | None = None  # config field for shared experts
-    shared_is_count: bool = True  # False: the field is a width (one shared expert of that width)
-    layer_fields: str = "all"  # how the target says which layers are MoE: all | sparse_step | first_k
-    config: dict = field(default_factory=dict)  # fields set for exactness (BRIEF §4)
+    config: dict = field(default_factory=dict)  # fields set for exactness
+    # Fields whose value depends on the parent's config (parent config -> fields), set last.
+    from_parent: Callable[[dict], dict] | None = None
     parent_requires: dict = field(default_factory=dict)  # parent config values the target cannot change
     softmax_topk: bool = False  # can say "softmax over all experts, top-k, no renormalisation" (norm_topk_prob)
     # A runtime of this architecture never ties lm_head to the embeddings (moekit.runtimes): a tied
     # parent's child gets lm_head.weight written out and tie_word_embeddings false.
     untie: bool = False
 
+    @property
+    def fields(self) -> MoEConfigFields:
+        """The config fields this architecture keeps its expert counts and widths in."""
+        return MOE_CONFIG[self.model_type]
 
-_EXPERTS = "model.layers.{i}.mlp.experts.{e}.{proj}.weight"
+    @property
+    def routing(self) -> Routing:
+        return self.fields.routing
+
+
+def _glm4_moe_from_parent(parent: dict) -> dict:
+    """GLM-4.5's attention options that the parent's family decides (vLLM reads head_dim)."""
+    return {"head_dim": parent.get("head_dim") or parent["hidden_size"] // parent["num_attention_heads"],
+            "use_qk_norm": parent["model_type"] == "qwen3",
+            "attention_bias": parent["model_type"] == "qwen2" or parent.get("attention_bias", False)}
+
+
+_EXPERTS = PerExpert("model.layers.{i}.mlp.experts.{e}.{proj}.weight")
 _ROUTER = "model.layers.{i}.mlp.gate.weight"
+_SHARED_EXPERTS = PerExpert("model.layers.{i}.mlp.shared_experts.{proj}.weight")
+_GRANITE_ROUTER = "model.layers.{i}.block_sparse_moe.router.layer.weight"
+_GRANITE_EXPERTS = Fused("model.layers.{i}.block_sparse_moe.input_linear.weight",
+                         "model.layers.{i}.block_sparse_moe.output_linear.weight")
 
 TARGETS: dict[str, Target] = {t.model_type: t for t in [
-    Target("mixtral", "MixtralForCausalLM", SOFTMAX_RENORM, ("llama", "mistral"),
+    Target("mixtral", "MixtralForCausalLM", ("llama", "mistral"),
            router="model.layers.{i}.block_sparse_moe.gate.weight",
-           expert="model.layers.{i}.block_sparse_moe.experts.{e}.{proj}.weight",
-           proj={"gate": "w1", "up": "w3", "down": "w2"},
-           experts_fields=("num_local_experts",),
+           experts=PerExpert("model.layers.{i}.block_sparse_moe.experts.{e}.{proj}.weight",
+                             {"gate": "w1", "up": "w3", "down": "w2"}),
+           from_parent=lambda parent: {"sliding_window": parent.get("sliding_window")},  # the class default differs
            parent_requires={"attention_bias": False, "mlp_bias": False}),
-    Target("qwen2_moe", "Qwen2MoeForCausalLM", SOFTMAX_TOPK, ("qwen2",),
-           router=_ROUTER, expert=_EXPERTS,
-           shared="model.layers.{i}.mlp.shared_expert.{proj}.weight",
+    Target("qwen2_moe", "Qwen2MoeForCausalLM", ("qwen2",),
+           router=_ROUTER, experts=_EXPERTS,
+           shared=PerExpert("model.layers.{i}.mlp.shared_expert.{proj}.weight"),
            shared_gate="model.layers.{i}.mlp.shared_expert_gate.weight", shared_range=(1, 1),
-           experts_fields=("num_experts",), width_field="moe_intermediate_size",
-           shared_field="shared_expert_intermediate_size", shared_is_count=False, layer_fields="sparse_step",
            config={"norm_topk_prob": True, "qkv_bias": True}, softmax_topk=True, untie=True),
-    Target("qwen3_moe", "Qwen3MoeForCausalLM", SOFTMAX_TOPK, ("qwen3",),
-           router=_ROUTER, expert=_EXPERTS,
-           experts_fields=("num_experts", "num_local_experts"), width_field="moe_intermediate_size",
-           layer_fields="sparse_step", config={"norm_topk_prob": True}, softmax_topk=True),
-    Target("glm4_moe", "Glm4MoeForCausalLM", SIGMOID_BIASED, ("llama", "mistral", "qwen2", "qwen3"),
-           router=_ROUTER, expert=_EXPERTS, router_bias="model.layers.{i}.mlp.gate.e_score_correction_bias",
-           shared="model.layers.{i}.mlp.shared_experts.{proj}.weight", shared_range=(1, 8),
-           experts_fields=("n_routed_experts",), width_field="moe_intermediate_size",
-           shared_field="n_shared_experts", layer_fields="first_k",
+    Target("qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), router=_ROUTER, experts=_EXPERTS,
+           config={"norm_topk_prob": True}, softmax_topk=True),
+    Target("glm4_moe", "Glm4MoeForCausalLM", ("llama", "mistral", "qwen2", "qwen3"),
+           router=_ROUTER, experts=_EXPERTS, router_bias="model.layers.{i}.mlp.gate.e_score_correction_bias",
+           shared=_SHARED_EXPERTS, shared_range=(1, 8),
            config={"norm_topk_prob": True, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
-                   "partial_rotary_factor": 1.0, "num_nextn_predict_layers": 0}, untie=True),
-    Target("flex_olmo", "FlexOlmoForCausalLM", SOFTMAX_TOPK, ("olmo2",),
-           router=_ROUTER, expert=_EXPERTS, experts_fields=("num_experts",),
+                   "partial_rotary_factor": 1.0, "num_nextn_predict_layers": 0},
+           from_parent=_glm4_moe_from_parent, untie=True),
+    Target("flex_olmo", "FlexOlmoForCausalLM", ("olmo2",), router=_ROUTER, experts=_EXPERTS,
            config={"norm_topk_prob": True}, softmax_topk=True, untie=True),
-    Target("granitemoe", "GraniteMoeForCausalLM", TOPK_SOFTMAX, ("granite",),
-           router="model.layers.{i}.block_sparse_moe.router.layer.weight",
-           fused_gate_up="model.layers.{i}.block_sparse_moe.input_linear.weight",
-           fused_down="model.layers.{i}.block_sparse_moe.output_linear.weight",
-           experts_fields=("num_local_experts",), parent_requires={"mlp_bias": False}),
-    Target("granitemoeshared", "GraniteMoeSharedForCausalLM", TOPK_SOFTMAX, ("granite",),
-           router="model.layers.{i}.block_sparse_moe.router.layer.weight",
-           fused_gate_up="model.layers.{i}.block_sparse_moe.input_linear.weight",
-           fused_down="model.layers.{i}.block_sparse_moe.output_linear.weight",
-           shared_fused=("model.layers.{i}.shared_mlp.input_linear.weight", "model.layers.{i}.shared_mlp.output_linear.weight"),
-           shared_range=(1, 1), experts_fields=("num_local_experts",),
-           shared_field="shared_intermediate_size", shared_is_count=False, parent_requires={"mlp_bias": False}),
+    Target("granitemoe", "GraniteMoeForCausalLM", ("granite",),
+           router=_GRANITE_ROUTER, experts=_GRANITE_EXPERTS, parent_requires={"mlp_bias": False}),
+    Target("granitemoeshared", "GraniteMoeSharedForCausalLM", ("granite",),
+           router=_GRANITE_ROUTER, experts=_GRANITE_EXPERTS,
+           shared=Fused("model.layers.{i}.shared_mlp.input_linear.weight",
+                        "model.layers.{i}.shared_mlp.output_linear.weight", expert_axis=False),
+           shared_range=(1, 1), parent_requires={"mlp_bias": False}),
     # Read (split, add experts), never an upcycle target: see WHY_NOT.
-    Target("olmoe", "OlmoeForCausalLM", SOFTMAX_TOPK, (), router=_ROUTER, expert=_EXPERTS,
-           experts_fields=("num_experts",)),
-    *(Target(model_type, architecture, SIGMOID_BIASED, (), router=_ROUTER, expert=_EXPERTS,
+    Target("olmoe", "OlmoeForCausalLM", (), router=_ROUTER, experts=_EXPERTS),
+    *(Target(model_type, architecture, (), router=_ROUTER, experts=_EXPERTS,
              router_bias="model.layers.{i}.mlp.gate.e_score_correction_bias",
-             shared="model.layers.{i}.mlp.shared_experts.{proj}.weight", shared_range=(1, 8),
-             experts_fields=("n_routed_experts",), width_field="moe_intermediate_size",
-             shared_field="n_shared_experts", layer_fields="first_k")
+             shared=_SHARED_EXPERTS, shared_range=(1, 8))
       for model_type, architecture in (("deepseek_v3", "DeepseekV3ForCausalLM"), ("dots1", "Dots1ForCausalLM"))),
 ]}
 
-# The natural target of each dense family (BRIEF §4).
+# The natural target of each dense family.
 DEFAULT_TARGET = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe",
                   "olmo2": "flex_olmo", "granite": "granitemoe"}
 

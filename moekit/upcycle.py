@@ -10,7 +10,7 @@ from moekit.checkpoint.writer import parse_size
 from moekit.errors import UsageError
 from moekit.options import UpcycleOptions
 from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
-from moekit.surgery.upcycle import plan_upcycle
+from moekit.surgery.upcycle import check_upcycle, plan_upcycle
 
 
 def run_upcycle(opts: UpcycleOptions, progress: Progress | None = None) -> tuple[WriteResult, dict]:
@@ -20,11 +20,14 @@ def run_upcycle(opts: UpcycleOptions, progress: Progress | None = None) -> tuple
     shard = parse_size(opts.max_shard_size)
     ckpt = open_checkpoint(opts.source, allow_pickle=opts.allow_pickle, dtype=dtype)
     extra = [open_checkpoint(s, allow_pickle=opts.allow_pickle, dtype=dtype) for s in opts.expert_sources]
-    data_rows = (lambda layers: data_router_rows(ckpt, opts, layers)) if opts.router_init in ("kmeans", "prompts") else None
-    plan = plan_upcycle(ckpt, opts.target, opts.experts, opts.top_k, shared=opts.shared_experts,
-                        moe_layers_spec=opts.moe_layers, router_init=opts.router_init, data_rows=data_rows,
-                        noise=opts.noise, drop=opts.drop_upcycling, expert_sources=extra, dtype=dtype, seed=opts.seed,
-                        routing=opts.routing)
+    checked = dict(shared=opts.shared_experts, moe_layers_spec=opts.moe_layers, noise=opts.noise,
+                   drop=opts.drop_upcycling, expert_sources=extra, routing=opts.routing)
+    rows = None
+    if opts.router_init in ("kmeans", "prompts"):  # forward passes: only once every option is known to be valid
+        layers = check_upcycle(ckpt, opts.target, opts.experts, opts.top_k, **checked).moe_layers
+        rows = data_router_rows(ckpt, opts, layers)
+    plan = plan_upcycle(ckpt, opts.target, opts.experts, opts.top_k, router_init=opts.router_init, rows=rows,
+                        dtype=dtype, seed=opts.seed, **checked)
     out_dtype = plan.outputs[0].meta.dtype
     total = sum(o.meta.numel for o in plan.outputs)
     expert_params = sum(o.meta.numel for o in plan.outputs if ".experts." in o.meta.name or "_linear" in o.meta.name

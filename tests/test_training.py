@@ -6,21 +6,22 @@ loss-free balancing; clean one-line errors."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
 
+from moekit.architectures import SIGMOID_BIASED
 from moekit.checkpoint import open_checkpoint
 from moekit.compat import for_both_lines
 from moekit.metrics import switch_aux_loss
 from moekit.runtime.moe import RoutingCounter, find_moe_layers
+from moekit.targets import TARGETS
 from moekit.training import kd_loss
 from tests.conftest import Run, run_moekit
+from tests.families import PER_ROUTING, UNGROUPED, first_moe_layer
 from tests.test_upcycle import load
 from tests.tiny import build, with_char_tokenizer
 
-EXPERTS_FIELD = {"mixtral": "num_local_experts", "granitemoe": "num_local_experts", "glm4_moe": "n_routed_experts"}
 TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog, {i * 7} times." for i in range(60))
 
 
@@ -28,15 +29,17 @@ def train(*args) -> Run:
     return run_moekit("train", *map(str, args))
 
 
-def manifest_for(names, old: int, layers: range) -> dict:
+def manifest_for(family, names, old: int, layers: range) -> dict:
     """What add-experts writes for a model grown from `old` experts: new experts trainable, old
     router rows (and GraniteMoe's fused expert rows) frozen, everything else frozen."""
+    t = TARGETS[family]
+    stacked = {name for i in layers for name in (t.router.format(i=i), *t.experts.row_tensors(i))}
+
     def rule(name):
-        if m := re.search(r"\.experts\.(\d+)\.", name):
-            return "trainable" if int(m.group(1)) >= old else "frozen"
-        if name.endswith((".gate.weight", ".router.layer.weight", "_linear.weight")):
+        if name in stacked:
             return {"frozen_rows": [0, old]}
-        return "frozen"
+        e = t.experts.expert_of(name)
+        return "trainable" if e is not None and e >= old else "frozen"
 
     return {"format": 1, "moe_layers": {str(i): {"old_experts": old, "new_experts": 2} for i in layers},
             "tensors": {n: rule(n) for n in names}}
@@ -49,10 +52,10 @@ def grown(tmp_path_factory):
 
     def get(family):
         if family not in made:
-            src = build(family, root / f"{family}-raw", **{EXPERTS_FIELD.get(family, "num_experts"): 6})
+            src = build(family, root / f"{family}-raw", **{TARGETS[family].fields.expert_fields[0]: 6})
             folder = with_char_tokenizer(src, root / family)
-            layers = range(1, 2) if family == "glm4_moe" else range(2)  # glm: first_k_dense_replace=1
-            manifest = manifest_for(open_checkpoint(folder).tensors, 4, layers)
+            layers = range(first_moe_layer(family), 2)
+            manifest = manifest_for(family, open_checkpoint(folder).tensors, 4, layers)
             (folder / "moekit.json").write_text(json.dumps({"operation": "add-experts", "freeze": manifest}))
             made[family] = folder
         return made[family]
@@ -88,10 +91,11 @@ def assert_frozen_exact(src, out, manifest, *, moving_buffers=()):
             assert not torch.equal(x[hi:], y[hi:]), f"{name}: trainable rows did not move"
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "granitemoe"])
+@pytest.mark.parametrize("family", UNGROUPED)
 def test_frozen_stays_bit_identical_and_trainable_moves(grown, text, tmp_path, family):
     src, out = grown(family), tmp_path / "out"
-    aux = () if family == "glm4_moe" else ("--aux-loss-coef", "0.01")  # Glm4Moe 4.57 returns no router logits
+    # sigmoid-routed classes (Glm4Moe, ...) return no router logits in 4.57
+    aux = () if TARGETS[family].routing is SIGMOID_BIASED else ("--aux-loss-coef", "0.01")
     # weight decay on: AdamW's decoupled decay would move frozen rows if they were not restored
     r = train(src, out, "--data", text, *FAST, "--weight-decay", "0.1", "--kd-weight", "1", *aux, "--json")
     assert r.returncode == 0, r.stderr
@@ -128,7 +132,7 @@ def test_freeze_none_trains_everything(grown, text, tmp_path):
     assert all(not torch.equal(before.load(n), after.load(n)) for n in before.tensors)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "glm4_moe", "granitemoe"])
+@pytest.mark.parametrize("family", PER_ROUTING)
 def test_replay_with_kd_on_real_add_experts_output(tiny_models, text, tmp_path, family):
     grown_dir = tmp_path / "grown"
     run_moekit("add-experts", str(with_char_tokenizer(tiny_models(family), tmp_path / "src")), str(grown_dir),

@@ -1,6 +1,9 @@
-"""Checkpoint I/O: streaming readers for HF folders and GGUF files, and an atomic streaming writer."""
+"""Checkpoint I/O: streaming readers for HF folders and GGUF files, the plan types of an output, and an
+atomic streaming writer."""
 
-from moekit.checkpoint.reader import Checkpoint, TensorMeta, open_checkpoint
+from moekit.checkpoint.base import Checkpoint, TensorMeta
+from moekit.checkpoint.plan import OutputTensor, passthrough
+from moekit.checkpoint.reader import open_checkpoint
 from moekit.checkpoint.writer import CheckpointWriter
 
-__all__ = ["Checkpoint", "TensorMeta", "open_checkpoint", "CheckpointWriter"]
+__all__ = ["Checkpoint", "TensorMeta", "OutputTensor", "passthrough", "open_checkpoint", "CheckpointWriter"]

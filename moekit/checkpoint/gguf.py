@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.checkpoint.reader import Checkpoint, TensorMeta, _cast
+from moekit.checkpoint.base import Checkpoint, TensorMeta, cast
 from moekit.errors import MoekitError
 
 # gguf architecture -> (transformers model_type, HF class name, Q/K rows permuted by llama.cpp)
@@ -135,7 +135,7 @@ class GGUFCheckpoint(Checkpoint):
                 w = _unpermute_rows(w, self.config["num_attention_heads"])
             elif name.endswith("self_attn.k_proj.weight"):
                 w = _unpermute_rows(w, self.config["num_key_value_heads"])
-        return _cast(w, dtype or self.dtype)
+        return cast(w, dtype or self.dtype)
 
     def weight_files(self) -> list[Path]:
         return [self.path]

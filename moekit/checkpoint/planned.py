@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from moekit.checkpoint.reader import Checkpoint, TensorMeta, _cast
+from moekit.checkpoint.base import Checkpoint, TensorMeta, cast
+from moekit.checkpoint.plan import OutputTensor
 
 
 class PlannedCheckpoint(Checkpoint):
-    def __init__(self, base: Checkpoint, outputs: list, config: dict):
+    def __init__(self, base: Checkpoint, outputs: list[OutputTensor], config: dict):
         super().__init__(base.path)
         self._base, self._config = base, config
         self._outputs = {o.meta.name: o for o in outputs}
@@ -28,7 +29,7 @@ class PlannedCheckpoint(Checkpoint):
     def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         self.meta(name)
         data = self._outputs[name].produce()
-        return _cast(data if isinstance(data, torch.Tensor) else torch.cat(list(data)), dtype)
+        return cast(data if isinstance(data, torch.Tensor) else torch.cat(list(data)), dtype)
 
     def byte_range(self, name: str) -> tuple[Path, int, int] | None:
         self.meta(name)

@@ -10,13 +10,13 @@ import errno
 import json
 import shutil
 import struct
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from abc import ABC
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from moekit.checkpoint.base import Checkpoint, TensorMeta, cast
 from moekit.checkpoint.dtypes import SAFETENSORS_DTYPES
 from moekit.errors import MoekitError, one_line
 
@@ -36,70 +36,6 @@ SIDE_FILES = (
     "generation_config.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-
-class Checkpoint(ABC):
-    """A model on disk: config, tensor headers, and tensors loaded one at a time."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    @property
-    @abstractmethod
-    def config(self) -> dict: ...
-
-    @property
-    @abstractmethod
-    def tensors(self) -> dict[str, TensorMeta]:
-        """Headers of every tensor, in file order; reading them loads no weights."""
-
-    @abstractmethod
-    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, as a fresh CPU tensor, cast to `dtype` when given."""
-
-    @abstractmethod
-    def weight_files(self) -> list[Path]:
-        """The files that hold the weights (for sizes and provenance hashes)."""
-
-    @abstractmethod
-    def write_side_files(self, dest: Path) -> list[str]:
-        """Write tokenizer files, chat template and generation config into `dest`; return their names."""
-
-    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
-        """(file, start, end) when the tensor's bytes lie in a file exactly as a safetensors output
-        stores them (so a writer can copy them without loading); None otherwise."""
-        return None
-
-    def meta(self, name: str) -> TensorMeta:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise MoekitError(f"{self.path}: no tensor named {name!r}") from None
-
-    def close(self) -> None:
-        """Release open file handles (readers hold them between `load` calls)."""
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 class FolderCheckpoint(Checkpoint, ABC):
@@ -189,7 +125,7 @@ class SafetensorsCheckpoint(FolderCheckpoint):
             f.seek(start)
             if f.readinto(buf) != end - start:
                 raise MoekitError(f"{file}: ends inside tensor {name}; the file is truncated")
-        return _cast(out, dtype)
+        return cast(out, dtype)
 
 
 def _safetensors_header(file: Path) -> tuple[dict, int]:
@@ -268,7 +204,7 @@ class PickleCheckpoint(FolderCheckpoint):
 
     def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         self.meta(name)
-        return _cast(self._state[name].clone(), dtype)
+        return cast(self._state[name].clone(), dtype)
 
 
 def _read_json(path: Path) -> dict:

@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 
 from moekit.checkpoint.dtypes import SAFETENSORS_NAME
-from moekit.checkpoint.reader import TensorMeta
+from moekit.checkpoint.base import TensorMeta
 from moekit.errors import DiskError, MoekitError, UsageError, check_utf8
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3  # transformers' default, "5GB"

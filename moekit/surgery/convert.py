@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.checkpoint import Checkpoint
-from moekit.pipeline import OutputTensor, passthrough
+from moekit.checkpoint import Checkpoint, OutputTensor, passthrough
 
 
 def plan_convert(ckpt: Checkpoint, dtype: torch.dtype | None) -> list[OutputTensor]:

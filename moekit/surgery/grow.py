@@ -13,13 +13,13 @@ from typing import Callable
 import torch
 
 from moekit.architectures import SIGMOID_BIASED, Routing, read_field
-from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import UsageError
-from moekit.pipeline import OutputTensor, passthrough
-from moekit.surgery.layout import ExpertReader, moe_layer_indices, source_target
-from moekit.surgery.requirements import model_shape
+from moekit.surgery.layout import ExpertReader, source_target
+from moekit.surgery.requirements import model_shape, moe_layer_indices
 from moekit.surgery.upcycle import perturb
-from moekit.targets import PROJS, Target
+from moekit.layouts import PROJS
+from moekit.targets import Target
 
 INITS = ("copy", "mean", "random", "drop-upcycling")
 ROUTER_INITS = ("copy", "kmeans", "zero")
@@ -67,8 +67,9 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
                      dtype: torch.dtype | None = None) -> GrowPlan:
     cfg = ckpt.config
     target = source_target(ckpt)
-    model_shape(ckpt, [target.experts_fields, target.width_field, "num_experts_per_tok"])  # numbers, before arithmetic
-    n, k = read_field(cfg, target.experts_fields), cfg["num_experts_per_tok"]
+    fields = target.fields
+    model_shape(ckpt, [fields.expert_fields, fields.expert_width, "num_experts_per_tok"])  # numbers, before arithmetic
+    n, k = read_field(cfg, fields.expert_fields), cfg["num_experts_per_tok"]
     if m < 1:
         raise UsageError(f"--new-experts must be at least 1, got {m}")
     if init not in INITS:
@@ -90,7 +91,7 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
 
     reader = ExpertReader(ckpt, target, n)
     out_dtype = dtype or ckpt.meta(target.router.format(i=layers[0])).dtype
-    width, hidden = cfg[target.width_field], cfg["hidden_size"]
+    width, hidden = cfg[fields.expert_width], cfg["hidden_size"]
 
     def old(i: int, e: int, p: str) -> torch.Tensor:
         return reader.projection(i, e, p).to(out_dtype)
@@ -145,7 +146,7 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
         records.append({"layer": i, "old_experts": n, "new_experts": m, "init": init, "router_init": router_init,
                         "copied_from": donor or None})
     config = dict(cfg)
-    config.update({f: n + m for f in target.experts_fields})
+    config.update({f: n + m for f in fields.expert_fields})
     config["num_experts_per_tok"] = new_k
     freeze = {"format": 1, "moe_layers": {str(i): {"old_experts": n, "new_experts": m} for i in layers}, "tensors": tensors}
     return GrowPlan(outputs, config, records, target, freeze, n, n + m, new_k)
@@ -153,12 +154,10 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
 
 def _freeze_rule(t: Target, name: str, i: int, n: int):
     """Old experts and old router rows frozen, new ones trainable; the selection bias is a buffer."""
-    if name in (t.router.format(i=i), t.fused_gate_up and t.fused_gate_up.format(i=i),
-                t.fused_down and t.fused_down.format(i=i)):
+    if name == t.router.format(i=i) or name in t.experts.row_tensors(i):
         return {"frozen_rows": [0, n]}
-    if t.expert and ".experts." in name:
-        return "trainable" if int(name.split(".experts.")[1].split(".")[0]) >= n else "frozen"
-    return "frozen"
+    e = t.experts.expert_of(name)
+    return "trainable" if e is not None and e >= n else "frozen"
 
 
 def _grown_block(t: Target, i, n, m, width, hidden, dtype, reader, old, new, router, donor, verbatim) -> list[OutputTensor]:
@@ -172,20 +171,8 @@ def _grown_block(t: Target, i, n, m, width, hidden, dtype, reader, old, new, rou
             return torch.cat([b, b[donor] if donor else b.mean().expand(m)])
 
         block.append(OutputTensor(TensorMeta(bias, (n + m,), torch.float32), grown_bias))
-    shapes = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}
-    if t.expert:
-        for e in range(n + m):
-            for p in PROJS:
-                produce = (lambda e=e, p=p: old(i, e, p)) if e < n else (lambda e=e, p=p: new(i, e - n, p, donor))
-                block.append(OutputTensor(TensorMeta(t.expert.format(i=i, e=e, proj=t.proj[p]), shapes[p], dtype), produce,
-                                          copy_of=verbatim(e, p)))
-        return block
 
     def expert(e: int, p: str) -> torch.Tensor:
         return old(i, e, p) if e < n else new(i, e - n, p, donor)
 
-    block.append(OutputTensor(TensorMeta(t.fused_gate_up.format(i=i), (n + m, 2 * width, hidden), dtype),
-                              lambda: (torch.cat([expert(e, "gate"), expert(e, "up")])[None] for e in range(n + m))))
-    block.append(OutputTensor(TensorMeta(t.fused_down.format(i=i), (n + m, hidden, width), dtype),
-                              lambda: (expert(e, "down")[None] for e in range(n + m))))
-    return block
+    return block + t.experts.emit(i, n + m, width, hidden, dtype, expert, copy=lambda e, p: {"copy_of": verbatim(e, p)})

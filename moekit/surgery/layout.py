@@ -1,5 +1,5 @@
-"""Reading MoE checkpoints in the layouts of `moekit.targets`: which layers are MoE, and one
-layer's experts and router, whoever wrote the checkpoint."""
+"""Reading MoE checkpoints in the layouts of `moekit.targets`: one layer's experts and router,
+whoever wrote the checkpoint, and the walk that replaces each MoE block of a source."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from functools import lru_cache
 
 import torch
 
-from moekit.checkpoint import Checkpoint
+from moekit.checkpoint import Checkpoint, OutputTensor, passthrough
 from moekit.errors import MoekitError
-from moekit.pipeline import OutputTensor, passthrough
-from moekit.targets import PROJS, TARGETS, Target
+from moekit.targets import TARGETS, Target
 
 
 def source_target(ckpt: Checkpoint) -> Target:
@@ -36,25 +35,6 @@ def replace_blocks(ckpt: Checkpoint, owner: dict[str, int], dtype, plan_block) -
     return outputs
 
 
-def moe_layer_indices(ckpt: Checkpoint, target: Target) -> list[int]:
-    """The layers that hold a router, once every one of them is checked to hold what an MoE layer
-    of the target needs (and no layer holds experts without a router)."""
-    from moekit.surgery.requirements import check_moe, model_shape
-
-    n_layers = model_shape(ckpt).num_hidden_layers
-    layers = [i for i in range(n_layers) if target.router.format(i=i) in ckpt.tensors]
-    experts = (target.expert or target.fused_gate_up).split("{e}")[0]
-    for i in set(range(n_layers)) - set(layers):
-        prefix = experts.format(i=i)
-        if any(name.startswith(prefix) for name in ckpt.tensors):
-            raise MoekitError(f"{ckpt.path}: layer {i} holds experts but no router ({target.router.format(i=i)}); "
-                              "the checkpoint is incomplete")
-    if not layers:
-        raise MoekitError(f"{ckpt.path} has no MoE layers in the {target.model_type} layout")
-    check_moe(ckpt, target, layers)
-    return layers
-
-
 class ExpertReader:
     """One layer's experts and router from a checkpoint in a target's layout."""
 
@@ -65,25 +45,12 @@ class ExpertReader:
     def names(self, i: int) -> set[str]:
         t = self.t
         names = {t.router.format(i=i)} | ({t.router_bias.format(i=i)} if t.router_bias else set())
-        if t.expert:
-            names |= {t.expert.format(i=i, e=e, proj=t.proj[p]) for e in range(self.n) for p in PROJS}
-        else:
-            names |= {t.fused_gate_up.format(i=i), t.fused_down.format(i=i)}
-        return names
-
-    def expert(self, i: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate [I, H], up [I, H], down [H, I]) of expert e in layer i."""
-        return tuple(self.projection(i, e, p) for p in PROJS)
+        return names | set(t.experts.names(i, self.n))
 
     def projection(self, i: int, e: int, proj: str) -> torch.Tensor:
         """One of expert e's matrices: gate or up [I, H], down [H, I]."""
-        t = self.t
-        if t.expert:
-            return self.load(self.tensor_name(i, e, proj))
-        if proj == "down":
-            return self.load(t.fused_down.format(i=i))[e]
-        return self.load(t.fused_gate_up.format(i=i))[e].chunk(2)[PROJS.index(proj)]
+        return self.t.experts.read(self.load, i, e, proj)
 
     def tensor_name(self, i: int, e: int, proj: str) -> str | None:
         """The tensor that holds exactly this matrix (per-expert layouts), else None."""
-        return self.t.expert.format(i=i, e=e, proj=self.t.proj[proj]) if self.t.expert else None
+        return self.t.experts.tensor_name(i, e, proj)

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from moekit.architectures import SOFTMAX_TOPK, read_field
-from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import UsageError
-from moekit.pipeline import OutputTensor, passthrough
-from moekit.surgery.layout import ExpertReader, moe_layer_indices, replace_blocks, source_target
-from moekit.targets import PROJS, Target
+from moekit.surgery.layout import ExpertReader, replace_blocks, source_target
+from moekit.surgery.requirements import moe_layer_indices
+from moekit.targets import Target
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def weights_change(target: Target, config: dict) -> bool:
 def check_prune(ckpt: Checkpoint, keep: int, top_k: int | None) -> int:
     """Refuse what the output could not route; return the new top-k."""
     cfg, target = ckpt.config, source_target(ckpt)
-    n, k = read_field(cfg, target.experts_fields), cfg["num_experts_per_tok"]
+    n, k = read_field(cfg, target.fields.expert_fields), cfg["num_experts_per_tok"]
     new_k = k if top_k is None else top_k
     if top_k is not None and not 1 <= top_k <= keep:
         raise UsageError(f"--top-k must be between 1 and the {keep} experts kept, got {top_k}")
@@ -117,7 +117,7 @@ def plan_prune(ckpt: Checkpoint, kept: dict[int, list[int]], *, top_k: int | Non
                dtype: torch.dtype | None = None) -> PrunePlan:
     """Keep experts `kept[layer]` (sorted old ids, the same count in every MoE layer)."""
     cfg, target = ckpt.config, source_target(ckpt)
-    n = read_field(cfg, target.experts_fields)
+    n = read_field(cfg, target.fields.expert_fields)
     layers = moe_layer_indices(ckpt, target)
     counts = {len(kept[i]) for i in layers}
     if len(counts) != 1:
@@ -136,7 +136,7 @@ def plan_prune(ckpt: Checkpoint, kept: dict[int, list[int]], *, top_k: int | Non
 
     outputs = replace_blocks(ckpt, owner, dtype, plan_block)
     config = dict(cfg)
-    config.update({f: keep for f in target.experts_fields})
+    config.update({f: keep for f in target.fields.expert_fields})
     config["num_experts_per_tok"] = new_k
     return PrunePlan(outputs, config, records, target, keep, new_k, weights_kept=not weights_change(target, cfg))
 
@@ -145,14 +145,12 @@ def _pruned_block(ckpt: Checkpoint, t: Target, i: int, kept: list[int], dtype) -
     block = [rows_of(ckpt, t.router.format(i=i), kept, dtype)]
     if t.router_bias:  # a selection bias stays fp32 whatever --dtype says
         block.append(rows_of(ckpt, t.router_bias.format(i=i), kept, None))
-    if t.expert:  # per-expert keys: kept expert e becomes expert j, byte for byte
-        for j, e in enumerate(kept):
-            for p in PROJS:
-                old = t.expert.format(i=i, e=e, proj=t.proj[p])
-                meta = ckpt.meta(old)
-                renamed = passthrough(ckpt, meta, dtype)
-                block.append(OutputTensor(TensorMeta(t.expert.format(i=i, e=j, proj=t.proj[p]), meta.shape, renamed.meta.dtype),
-                                          renamed.produce, copy_of=renamed.copy_of))
-        return block
-    return block + [rows_of(ckpt, t.fused_gate_up.format(i=i), kept, dtype),
-                    rows_of(ckpt, t.fused_down.format(i=i), kept, dtype)]
+    for name, source, rows in t.experts.select(i, kept):
+        block.append(renamed(ckpt, source, name, dtype) if rows is None else rows_of(ckpt, source, rows, dtype))
+    return block
+
+
+def renamed(ckpt: Checkpoint, name: str, new_name: str, dtype: torch.dtype | None) -> OutputTensor:
+    """A source tensor under another name (kept expert e becomes expert j), byte for byte."""
+    same = passthrough(ckpt, ckpt.meta(name), dtype)
+    return OutputTensor(TensorMeta(new_name, same.meta.shape, same.meta.dtype), same.produce, copy_of=same.copy_of)

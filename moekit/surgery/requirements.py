@@ -15,7 +15,7 @@ from moekit.architectures import (ATTENTION_TENSORS, DENSE_FFN_TENSORS, DENSE_LA
 from moekit.checkpoint import Checkpoint
 from moekit.errors import MoekitError
 from moekit.options import first_problem
-from moekit.targets import PROJS, Target
+from moekit.targets import TARGETS, Target
 
 Positive = Annotated[StrictInt, Field(gt=0)]
 
@@ -71,8 +71,9 @@ def check_dense(ckpt: Checkpoint) -> ModelShape:
 
 def check_moe(ckpt: Checkpoint, target: Target, moe_layers: list[int]) -> ModelShape:
     """An MoE source holds embeddings, attention, and in every MoE layer its router and N experts."""
-    shape = model_shape(ckpt, [target.experts_fields, target.width_field, "num_experts_per_tok"])
-    n, width = read_field(ckpt.config, target.experts_fields), ckpt.config[target.width_field]
+    fields = target.fields
+    shape = model_shape(ckpt, [fields.expert_fields, fields.expert_width, "num_experts_per_tok"])
+    n, width = read_field(ckpt.config, fields.expert_fields), ckpt.config[fields.expert_width]
     attention = {} if ckpt.config.get("model_type") in LATENT_ATTENTION else ATTENTION_TENSORS
     required = _expand(shape, attention, range(shape.num_hidden_layers))
     h = shape.hidden_size
@@ -80,15 +81,25 @@ def check_moe(ckpt: Checkpoint, target: Target, moe_layers: list[int]) -> ModelS
         required[target.router.format(i=i)] = (n, h)
         if target.router_bias:
             required[target.router_bias.format(i=i)] = (n,)
-        if target.expert:
-            for e in range(n):
-                for p in PROJS:
-                    required[target.expert.format(i=i, e=e, proj=target.proj[p])] = (h, width) if p == "down" else (width, h)
-        else:
-            required[target.fused_gate_up.format(i=i)] = (n, 2 * width, h)
-            required[target.fused_down.format(i=i)] = (n, h, width)
+        required.update(target.experts.shapes(i, n, width, h))
     _require(ckpt, shape, required)
     return shape
+
+
+def moe_layer_indices(ckpt: Checkpoint, target: Target) -> list[int]:
+    """The layers that hold a router, once every one of them is checked to hold what an MoE layer
+    of the target needs (and no layer holds experts without a router)."""
+    n_layers = model_shape(ckpt).num_hidden_layers
+    layers = [i for i in range(n_layers) if target.router.format(i=i) in ckpt.tensors]
+    for i in set(range(n_layers)) - set(layers):
+        prefix = target.experts.prefix(i)
+        if any(name.startswith(prefix) for name in ckpt.tensors):
+            raise MoekitError(f"{ckpt.path}: layer {i} holds experts but no router ({target.router.format(i=i)}); "
+                              "the checkpoint is incomplete")
+    if not layers:
+        raise MoekitError(f"{ckpt.path} has no MoE layers in the {target.model_type} layout")
+    check_moe(ckpt, target, layers)
+    return layers
 
 
 def _expand(shape: ModelShape, per_layer: dict, layers) -> dict[str, tuple[int, ...]]:
@@ -115,13 +126,9 @@ def _require(ckpt: Checkpoint, shape: ModelShape, required: dict[str, tuple[int,
                               "values; weights of this architecture are floating point")
 
 
-
 def check_complete(ckpt: Checkpoint) -> None:
     """For the model types moekit knows: the whole architecture is there (the MoE checks of
     split/add-experts, the dense ones of upcycle). Other types are left to their loader."""
-    from moekit.surgery.layout import moe_layer_indices
-    from moekit.targets import TARGETS
-
     model_type = ckpt.config.get("model_type")
     if model_type in TARGETS:
         moe_layer_indices(ckpt, TARGETS[model_type])

@@ -16,13 +16,12 @@ from typing import Callable
 import torch
 
 from moekit.architectures import child_weight_factor, read_field
-from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta
 from moekit.errors import UsageError
-from moekit.pipeline import OutputTensor
 from moekit.surgery import partition
-from moekit.surgery.layout import ExpertReader, moe_layer_indices, replace_blocks, source_target
-from moekit.surgery.requirements import model_shape
-from moekit.targets import PROJS, Target
+from moekit.surgery.layout import ExpertReader, replace_blocks, source_target
+from moekit.surgery.requirements import model_shape, moe_layer_indices
+from moekit.targets import Target
 
 
 @dataclass(frozen=True)
@@ -46,9 +45,10 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
                dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> SplitPlan:
     cfg, G = ckpt.config, granularity
     target = source_target(ckpt)
-    model_shape(ckpt, [target.experts_fields, target.width_field, "num_experts_per_tok"])  # numbers, before arithmetic
-    n, k = read_field(cfg, target.experts_fields), cfg["num_experts_per_tok"]
-    width = cfg[target.width_field]
+    fields = target.fields
+    model_shape(ckpt, [fields.expert_fields, fields.expert_width, "num_experts_per_tok"])  # numbers, before arithmetic
+    n, k = read_field(cfg, fields.expert_fields), cfg["num_experts_per_tok"]
+    width = cfg[fields.expert_width]
     if G < 2:
         raise UsageError(f"--granularity must be at least 2, got {G}")
     if width % G:
@@ -130,11 +130,11 @@ def plan_split(ckpt: Checkpoint, granularity: int, *, top_k: int | None = None, 
 
     outputs = replace_blocks(ckpt, owner, dtype, plan_block)
     config = dict(cfg)
-    config.update({f: n * G for f in target.experts_fields})
-    config[target.width_field] = child
+    config.update({f: n * G for f in fields.expert_fields})
+    config[fields.expert_width] = child
     config["num_experts_per_tok"] = new_k
-    if target.shared_field and target.shared_is_count:  # GLM: shared width is moe_intermediate_size × count
-        config[target.shared_field] = cfg[target.shared_field] * G
+    if fields.shared_experts:  # GLM: shared width is moe_intermediate_size × count
+        config[fields.shared_experts] = cfg[fields.shared_experts] * G
     return SplitPlan(outputs, config, layers, target, n * G, new_k, factor, exact=new_k == k * G)
 
 
@@ -146,20 +146,6 @@ def _child_block(t: Target, i, n, G, child, hidden, dtype, reader, child_tensor,
         bias = t.router_bias.format(i=i)
         block.append(OutputTensor(TensorMeta(bias, (n * G,), torch.float32),
                                   lambda: reader.load(bias).float().repeat_interleave(G)))
-    shapes = {"gate": (child, hidden), "up": (child, hidden), "down": (hidden, child)}
-    if t.expert:
-        for e in range(n):
-            for g in range(G):
-                for p in PROJS:
-                    name = t.expert.format(i=i, e=e * G + g, proj=t.proj[p])
-                    block.append(OutputTensor(TensorMeta(name, shapes[p], dtype),
-                                              lambda e=e, g=g, p=p: child_tensor(i, e, g, p),
-                                              **child_rows(i, e, g, p)))
-        return block
-    pairs = [(e, g) for e in range(n) for g in range(G)]
-    block.append(OutputTensor(TensorMeta(t.fused_gate_up.format(i=i), (n * G, 2 * child, hidden), dtype),
-                              lambda: (torch.cat([child_tensor(i, e, g, "gate"), child_tensor(i, e, g, "up")])[None]
-                                       for e, g in pairs)))
-    block.append(OutputTensor(TensorMeta(t.fused_down.format(i=i), (n * G, hidden, child), dtype),
-                              lambda: (child_tensor(i, e, g, "down")[None] for e, g in pairs)))
-    return block
+    # child c = e·G + g is slice g of parent e
+    return block + t.experts.emit(i, n * G, child, hidden, dtype, lambda c, p: child_tensor(i, *divmod(c, G), p),
+                                  copy=lambda c, p: child_rows(i, *divmod(c, G), p))

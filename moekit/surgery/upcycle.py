@@ -10,17 +10,16 @@ import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import NamedTuple
 
 import torch
 
-from moekit.checkpoint import Checkpoint, TensorMeta
+from moekit.architectures import holds_routed_experts
+from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import MoekitError, UsageError
-from moekit.inspect import describe
-from moekit.pipeline import OutputTensor, passthrough
+from moekit.layouts import PROJS
 from moekit.surgery.requirements import check_dense
-from moekit.targets import (DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, PROJS, TARGETS, WHY_NOT,
-                            Target)
+from moekit.targets import DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, TARGETS, WHY_NOT, Target
 
 
 @dataclass(frozen=True)
@@ -88,22 +87,23 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
 
 def layer_config(target: Target, moe_layers: list[int], n_layers: int) -> dict:
     """The target's own fields that say which layers are MoE; refuse what it cannot say."""
-    dense = [i for i in range(n_layers) if i not in moe_layers]
+    dense, fields = [i for i in range(n_layers) if i not in moe_layers], target.fields.moe_layers
     if not dense:
-        return {"decoder_sparse_step": 1, "mlp_only_layers": []} if target.layer_fields == "sparse_step" else (
-            {"first_k_dense_replace": 0} if target.layer_fields == "first_k" else {})
-    if target.layer_fields == "sparse_step":
+        return {"decoder_sparse_step": 1, "mlp_only_layers": []} if fields == "sparse_step" else (
+            {"first_k_dense_replace": 0} if fields == "first_k" else {})
+    if fields == "sparse_step":
         return {"decoder_sparse_step": 1, "mlp_only_layers": dense}
-    if target.layer_fields == "first_k" and dense == list(range(len(dense))):
+    if fields == "first_k" and dense == list(range(len(dense))):
         return {"first_k_dense_replace": len(dense)}
-    how = {"first_k": "only its first k layers dense (skip-first:k)", "all": "every layer MoE"}[target.layer_fields]
+    how = {"first_k": "only its first k layers dense (skip-first:k)", "all": "every layer MoE"}[fields]
     raise UsageError(f"{target.model_type} can only have {how}; --moe-layers asks for dense layers {dense}")
 
 
 def check_routing(target: Target, routing: str) -> None:
     if routing == "softmax-topk" and not target.softmax_topk:
         why = NO_SOFTMAX_TOPK.get(target.model_type, "it cannot turn renormalisation off")
-        raise UsageError(f"--routing softmax-topk needs qwen2_moe, qwen3_moe or flex_olmo: {why}")
+        *others, last = [t.model_type for t in TARGETS.values() if t.softmax_topk and t.parents]
+        raise UsageError(f"--routing softmax-topk needs {', '.join(others)} or {last}: {why}")
     if routing not in ("renormalised", "softmax-topk"):
         raise UsageError(f"unknown --routing {routing!r} (known: renormalised, softmax-topk)")
 
@@ -116,30 +116,28 @@ def softmax_topk_scale(n: int, k: int) -> float:
 
 def build_config(parent: dict, target: Target, n: int, k: int, shared: int, d_ff: int, moe_layers: list[int],
                  routing: str = "renormalised") -> dict:
-    """Edit the parent's own config dict (BRIEF §4: never re-serialise through transformers 5.x)."""
-    cfg = dict(parent)
+    """Edit the parent's own config dict (never re-serialise through transformers 5.x)."""
+    cfg, fields = dict(parent), target.fields
     n_layers = parent["num_hidden_layers"]
     cfg.update(model_type=target.model_type, architectures=[target.architecture], num_experts_per_tok=k,
                output_router_logits=False)
-    cfg.update({f: n for f in target.experts_fields})
-    cfg[target.width_field] = d_ff
+    cfg.update({f: n for f in fields.expert_fields})
+    cfg[fields.expert_width] = d_ff
     cfg.setdefault("intermediate_size", d_ff)  # dense layers keep the parent's FFN
-    if target.shared_field:
-        cfg[target.shared_field] = shared if target.shared_is_count else d_ff * shared
+    if fields.shared_experts:
+        cfg[fields.shared_experts] = shared
+    if fields.shared_width:
+        cfg[fields.shared_width] = d_ff * shared
     cfg.update(target.config)
     if routing == "softmax-topk":
         cfg["norm_topk_prob"] = False
     cfg.update(layer_config(target, moe_layers, n_layers))
     if "partial_rotary_factor" in target.config and isinstance(cfg.get("rope_parameters"), dict):
         cfg["rope_parameters"] = {**cfg["rope_parameters"], "partial_rotary_factor": target.config["partial_rotary_factor"]}
-    if target.model_type == "mixtral":
-        cfg["sliding_window"] = parent.get("sliding_window")  # Mixtral's class default differs
     if target.untie and parent.get("tie_word_embeddings"):
         cfg["tie_word_embeddings"] = False  # lm_head.weight is written out (see plan_upcycle)
-    if target.model_type == "glm4_moe":
-        cfg["head_dim"] = parent.get("head_dim") or parent["hidden_size"] // parent["num_attention_heads"]  # vLLM reads it
-        cfg["use_qk_norm"] = parent["model_type"] == "qwen3"
-        cfg["attention_bias"] = parent["model_type"] == "qwen2" or parent.get("attention_bias", False)
+    if target.from_parent:
+        cfg.update(target.from_parent(parent))
     return cfg
 
 
@@ -173,14 +171,23 @@ def perturb(w: torch.Tensor, proj: str, noise: float, drop: float, gen_seed: int
     return w
 
 
-def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, shared: int | None = None,
-                 moe_layers_spec: str = "all", router_init: str = "random",
-                 data_rows: Callable[[list[int]], dict[int, torch.Tensor]] | None = None,
-                 noise: float = 0.0, drop: float = 0.0, expert_sources: list[Checkpoint] = (),
-                 dtype: torch.dtype | None = None, seed: int = 0, routing: str = "renormalised") -> UpcyclePlan:
+class UpcycleShape(NamedTuple):
+    """What the checks of an upcycle settle before any tensor is read."""
+
+    target: Target
+    shared: int  # shared experts
+    moe_layers: list[int]
+    d_ff: int  # the dense FFN's width: every expert's
+    config: dict  # the output's
+
+
+def check_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, shared: int | None = None,
+                  moe_layers_spec: str = "all", noise: float = 0.0, drop: float = 0.0,
+                  expert_sources: list[Checkpoint] = (), routing: str = "renormalised") -> UpcycleShape:
+    """Every check of `plan_upcycle` (the same arguments), from config and tensor headers alone: a job
+    calls it first when it needs the MoE layers for forward passes (data-driven router rows)."""
     parent = ckpt.config
-    report = describe(ckpt)
-    if report["kind"] == "moe":
+    if holds_routed_experts(ckpt.tensors):
         raise MoekitError(f"{ckpt.path} is already an MoE model; use split-granularity or add-experts")
     target = choose_target(parent.get("model_type", "unknown"), target_name)
     check_routing(target, routing)
@@ -199,16 +206,24 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
     if expert_sources and len(expert_sources) != n:
         raise UsageError(f"--expert-sources gives {len(expert_sources)} models for {n} experts; give one per expert")
 
-    n_layers = parent["num_hidden_layers"]
-    moe_layers = parse_layers(moe_layers_spec, n_layers)
+    moe_layers = parse_layers(moe_layers_spec, parent["num_hidden_layers"])
     d_ff = ckpt.meta(DENSE_FFN.format(i=0, proj="up")).shape[0]
-    hidden = parent["hidden_size"]
     config = build_config(parent, target, n, k, shared, d_ff, moe_layers, routing)
     for src in expert_sources:
         _check_same_ffn(ckpt, src, moe_layers)
-    # Data-driven rows need forward passes: only once every option is known to be valid.
-    rows_by_layer = data_rows(moe_layers) if data_rows else {}
+    return UpcycleShape(target, shared, moe_layers, d_ff, config)
 
+
+def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, shared: int | None = None,
+                 moe_layers_spec: str = "all", router_init: str = "random", rows: dict[int, torch.Tensor] | None = None,
+                 noise: float = 0.0, drop: float = 0.0, expert_sources: list[Checkpoint] = (),
+                 dtype: torch.dtype | None = None, seed: int = 0, routing: str = "renormalised") -> UpcyclePlan:
+    """The upcycled model's tensors and config; `rows`: data-driven router rows per MoE layer (from
+    `moekit.surgery.router_init`), else rows of the data-free `router_init`."""
+    target, shared, moe_layers, d_ff, config = check_upcycle(
+        ckpt, target_name, n, k, shared=shared, moe_layers_spec=moe_layers_spec, noise=noise, drop=drop,
+        expert_sources=expert_sources, routing=routing)
+    parent, hidden = ckpt.config, ckpt.config["hidden_size"]
     out_dtype = dtype or next(iter(ckpt.tensors.values())).dtype
     down_scale = softmax_topk_scale(n, k) if routing == "softmax-topk" else 1.0
     exact, notes = not (noise or drop), []
@@ -255,8 +270,8 @@ def plan_upcycle(ckpt: Checkpoint, target_name: str | None, n: int, k: int, *, s
         if meta.name != DENSE_FFN.format(i=i, proj="gate"):  # each layer's block is emitted once, at its gate
             continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        rows = rows_by_layer[i] if data_rows else router_rows(router_init, n, hidden, gen, std)
-        outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, verbatim, rows,
+        layer_rows = rows[i] if rows is not None else router_rows(router_init, n, hidden, gen, std)
+        outputs += _moe_block(target, i, n, shared, d_ff, hidden, out_dtype, ffn, verbatim, layer_rows,
                               shared_gate_row=torch.randn(1, hidden, generator=gen) * std)
         layers.append({"layer": i, "experts": n, "top_k": k, "shared_experts": shared, "router_init": router_init,
                        "routing": routing, "down_proj_scale": down_scale,
@@ -276,31 +291,18 @@ def _moe_block(t: Target, i, n, shared, d_ff, hidden, dtype, ffn, verbatim, rows
     block = [OutputTensor(meta(t.router, n, hidden), lambda: rows.to(dtype))]
     if t.router_bias:  # selection bias starts at zero; kept in fp32 as DeepSeek-V3 does
         block.append(OutputTensor(meta(t.router_bias, n, dt=torch.float32), lambda: torch.zeros(n)))
-    if t.expert:
-        for e in range(n):
-            for p in PROJS:
-                shape = (hidden, d_ff) if p == "down" else (d_ff, hidden)
-                name = t.expert.format(i=i, e=e, proj=t.proj[p])
-                block.append(OutputTensor(TensorMeta(name, shape, dtype), lambda e=e, p=p: ffn(i, p, e),
-                                          copy_of=verbatim(i, p, e)))
-    else:  # fused per layer: written expert by expert, so memory stays at one expert
-        block.append(OutputTensor(meta(t.fused_gate_up, n, 2 * d_ff, hidden),
-                                  lambda: (torch.cat([ffn(i, "gate", e), ffn(i, "up", e)])[None] for e in range(n))))
-        block.append(OutputTensor(meta(t.fused_down, n, hidden, d_ff), lambda: (ffn(i, "down", e)[None] for e in range(n))))
+    block += t.experts.emit(i, n, d_ff, hidden, dtype, lambda e, p: ffn(i, p, e),
+                            copy=lambda e, p: {"copy_of": verbatim(i, p, e)})
     if shared and t.shared:  # shared experts: the dense FFN's gate/up, zero down_proj → zero output
         width = d_ff * shared
-        for p in PROJS:
-            shape = (hidden, width) if p == "down" else (width, hidden)
-            produce = (lambda s=shape: torch.zeros(s, dtype=dtype)) if p == "down" else (
-                lambda p=p: ffn(i, p).repeat(shared, 1))
-            block.append(OutputTensor(meta(t.shared.format(i="{i}", proj=t.proj[p]), *shape), produce))
+
+        def shared_weight(_, p: str) -> torch.Tensor:
+            return torch.zeros((hidden, width), dtype=dtype) if p == "down" else ffn(i, p).repeat(shared, 1)
+
+        block += t.shared.emit(i, 1, width, hidden, dtype, shared_weight)
         if t.shared_gate:  # not zero: llama.cpp computes this sigmoid as silu(x)/x, NaN at x = 0; the zero
             # down projection keeps the shared output at zero whatever the gate says
             block.append(OutputTensor(meta(t.shared_gate, 1, hidden), lambda: shared_gate_row.to(dtype)))
-    if shared and t.shared_fused:
-        gate_up, down = t.shared_fused
-        block.append(OutputTensor(meta(gate_up, 2 * d_ff, hidden), lambda: torch.cat([ffn(i, "gate"), ffn(i, "up")])))
-        block.append(OutputTensor(meta(down, hidden, d_ff), lambda: torch.zeros(hidden, d_ff, dtype=dtype)))
     return block
 
 

@@ -349,7 +349,8 @@ def save_trained(model, ckpt, output: Path, *, overwrite: bool, opts: TrainOptio
     """Write `model` under the source checkpoint's own tensor names, shapes and dtypes (mapped back
     from the runtime layout by transformers' own reverse conversion), with its config.json (same
     content: training changes no config) and side files, plus moekit.json and a model card."""
-    from moekit.pipeline import OutputTensor, write_model
+    from moekit.checkpoint import OutputTensor
+    from moekit.pipeline import write_model
 
     with torch.no_grad():
         state = to_disk_names(model, {k: v.detach() for k, v in model.state_dict().items()})
