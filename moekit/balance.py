@@ -18,8 +18,10 @@ from moekit.architectures import MOE_CONFIG, SIGMOID_BIASED
 from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from moekit.errors import MoekitError
+from moekit.metrics import bias_state, bias_step
 from moekit.pipeline import Progress, WriteResult, write_model
-from moekit.profile import MoEModel, RouterCounter, input_device
+from moekit.runtime.decoder import input_device, run_decoder
+from moekit.runtime.moe import MoEModel, RoutingCounter
 
 BIAS = "e_score_correction_bias"
 BIASED_FAMILIES = tuple(t for t, f in MOE_CONFIG.items() if f.routing is SIGMOID_BIASED)
@@ -34,26 +36,6 @@ def check_balanceable(config: dict) -> None:
     if fields.routing is not SIGMOID_BIASED:
         raise MoekitError(f"balance calibrates {BIAS}, which only sigmoid routers have ({', '.join(BIASED_FAMILIES)}); "
                           f"{model_type} routes by {fields.routing.formula}: balance it with an auxiliary loss in training")
-
-
-@torch.no_grad()
-def bias_step(bias: torch.Tensor, load: torch.Tensor, size: torch.Tensor, last: torch.Tensor, rate: float,
-              adaptive: bool) -> None:
-    """One loss-free balancing step, in place: `bias += size · sign(c̄ − c)` for the load `c` of one
-    batch. Fixed (DeepSeek): `size` stays `rate`. Adaptive: each expert's step grows ×1.2 while its
-    direction holds and halves when it flips, never above `rate` (Rprop); `last` keeps the
-    previous direction. `size` and `last` start as `rate` and 0 (`bias_state`)."""
-    direction = torch.sign(load.mean() - load).float()
-    if adaptive:
-        agree = direction * last
-        size.mul_(torch.where(agree > 0, 1.2, torch.where(agree < 0, 0.5, 1.0))).clamp_(max=rate)
-        last.copy_(direction)
-    bias.add_(size * direction)
-
-
-def bias_state(bias: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (size, last direction) a bias starts `bias_step` with."""
-    return torch.full_like(bias, rate), torch.zeros_like(bias)
 
 
 @torch.no_grad()
@@ -82,11 +64,11 @@ def calibrate_bias(model, moe: MoEModel, batches: list[torch.Tensor], steps: int
         layers.append((layer, bias, *bias_state(bias, rate), torch.zeros_like(bias)))
     device = input_device(model)
     averaged_from = steps // 2
-    with RouterCounter(moe) as counter:
+    with RoutingCounter(moe) as counter:
         for step in range(steps):
-            model.model(input_ids=batches[step % len(batches)].to(device), use_cache=False)
+            run_decoder(model, batches[step % len(batches)].to(device))
             for layer, bias, size, last, total in layers:
-                bias_step(bias, counter.last_counts[layer.index], size, last, rate, adaptive)
+                bias_step(bias, counter.last[layer.index], size, last, rate, adaptive)
                 if step >= averaged_from:
                     total.add_(bias)
             if progress:

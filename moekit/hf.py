@@ -12,6 +12,7 @@ from moekit.checkpoint import Checkpoint
 from moekit.checkpoint.reader import TOKENIZER_FILES, SafetensorsCheckpoint, open_checkpoint
 from moekit.checkpoint.sources import resolve_source
 from moekit.errors import MoekitError, one_line
+from moekit.runtime.transformers_private import no_init_weights
 from moekit.surgery.requirements import check_complete
 
 # Config keys that `AutoConfig.for_model` must not see: the type is its positional argument,
@@ -190,7 +191,7 @@ def load_dense_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> to
         raise MoekitError(f"{ckpt.path}: transformers cannot build a {model_type!r} model: {e}") from None
     # Allocate straight on the device and skip random init: every weight is overwritten below,
     # and initialising a multi-billion-parameter model on a CPU alone takes minutes.
-    with torch.device(device), _no_init_weights():
+    with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     model.float()
 
@@ -213,10 +214,3 @@ def load_dense_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> to
         model.tie_weights()  # lm_head was left uninitialised; make it the embedding again
     return model.eval()
 
-
-def _no_init_weights():
-    try:  # transformers 5.x
-        from transformers.initialization import no_init_weights
-    except ImportError:  # 4.57
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()

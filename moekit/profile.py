@@ -21,139 +21,28 @@ from itertools import combinations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from moekit.architectures import MOE_CONFIG, SIGMOID_BIASED, SOFTMAX_RENORM, SOFTMAX_TOPK, TOPK_SOFTMAX, Routing, read_field
 from moekit.data.text import calibration_texts, pack_text, separator, token_stream
 from moekit.errors import MoekitError
-from moekit.surgery.grow import select_experts
+from moekit.metrics import (capacities, coefficient_of_variation, dropped_slots, max_vio, normalised_entropy,
+                            router_probs, switch_loss, z_terms)
+from moekit.runtime.decoder import input_device, run_decoder
+# NOTHING_TO_PROFILE and find_moe_layers are imported from here by the commands
+from moekit.runtime.moe import NOTHING_TO_PROFILE, MoEModel, RoutingCounter, find_moe_layers  # noqa: F401
 
 CAPACITY_FACTORS = (1.0, 1.25, 1.5, 2.0)
-NOTHING_TO_PROFILE = "nothing to profile: no MoE layers; upcycle it first"
-
-
-# --------------------------------------------------------------------------- metrics of counts
-# Plain torch on [..., N] load vectors (tokens routed to each expert): the hooks call them on the
-# device per batch, the report on the CPU over the whole set.
-
-
-def max_vio(counts: torch.Tensor) -> torch.Tensor:
-    """(max_i c_i − c̄) / c̄, with c̄ = K·T/N the mean load (every token fills K slots)."""
-    mean = counts.mean(-1)
-    return (counts.amax(-1) - mean) / mean
-
-
-def coefficient_of_variation(counts: torch.Tensor) -> torch.Tensor:
-    return counts.std(-1, correction=0) / counts.mean(-1)
-
-
-def normalised_entropy(weights: torch.Tensor) -> torch.Tensor:
-    """Entropy of the distribution proportional to `weights`, over log N: 1 = uniform."""
-    p = weights / weights.sum(-1, keepdim=True)
-    return torch.special.entr(p).sum(-1) / math.log(weights.shape[-1])
-
-
-def capacities(tokens: int, top_k: int, experts: int, factors) -> list[int]:
-    """Expert capacity C = ceil(CF·K·T/N) per capacity factor."""
-    return [math.ceil(cf * top_k * tokens / experts - 1e-9) for cf in factors]  # 1e-9: 1.1·K·T/N is not exact
-
-
-def dropped_slots(counts: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
-    """Routed slots over capacity (dropped by a capacity-limited MoE), per capacity [C]."""
-    return (counts[None, :] - capacity[:, None]).clamp_min(0).sum(-1)
-
-
-def aux_loss(counts: torch.Tensor, mean_probs: torch.Tensor) -> torch.Tensor:
-    """Switch/GShard balance loss N·Σ f_i·P_i, f_i = share of routed slots, P_i = mean router
-    probability: 1.0 when uniform (transformers' `load_balancing_loss_func` reports K times this)."""
-    return counts.shape[-1] * (counts / counts.sum(-1, keepdim=True) * mean_probs).sum(-1)
-
-
-# --------------------------------------------------------------------------- finding the routers
-
-
-@dataclass(frozen=True)
-class MoELayer:
-    index: int  # decoder layer number
-    name: str  # module path of the router: also the prefix of its keys in the checkpoint
-    router: torch.nn.Module
-
-
-@dataclass(frozen=True)
-class MoEModel:
-    layers: list[MoELayer]
-    experts: int
-    top_k: int
-    routing: Routing
-    model_type: str
-
-
-def find_moe_layers(model) -> MoEModel:
-    """The MoE layers of a transformers causal LM and its routing (architectures.MOE_CONFIG)."""
-    config = model.config.to_dict()
-    model_type = config.get("model_type", "?")
-    fields = MOE_CONFIG.get(model_type)
-    if fields is None:
-        raise MoekitError(f"{NOTHING_TO_PROFILE} (model type {model_type!r} is not a Mixture-of-Experts family moekit knows)")
-    names = {m: n for n, m in model.named_modules()}
-    layers = []
-    for i, block in enumerate(model.model.layers):
-        # MoE blocks are `mlp` (5.x, Qwen, GLM, DeepSeek) or `block_sparse_moe` (4.57 Mixtral, GraniteMoe);
-        # their router is `gate` or `router`. Dense MLPs in MoE models have neither.
-        ffn = getattr(block, "mlp", None) or getattr(block, "block_sparse_moe", None)
-        router = getattr(ffn, "gate", None) or getattr(ffn, "router", None)
-        if isinstance(router, torch.nn.Module):
-            layers.append(MoELayer(i, names[router], router))
-    if not layers:
-        raise MoekitError(NOTHING_TO_PROFILE)
-    return MoEModel(layers, int(read_field(config, fields.experts)), int(read_field(config, fields.top_k)),
-                    fields.routing, model_type)
-
-
-def _router_output(router, args, output) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logits, chosen experts or None) from whatever this router module returns."""
-    if isinstance(output, torch.Tensor):  # 4.57 Mixtral, Qwen-MoE, OLMoE: the gate is an nn.Linear
-        return output, None
-    if len(output) == 3:  # 5.x routers: (logits, weights, indices)
-        return output[0], output[2]
-    if len(output) == 5:  # 4.57 GraniteMoe gating: (sorted index, batch index, gates, sizes, logits)
-        return output[4], None
-    # 4.57 DeepSeek-V3 / GLM / dots1 return (indices, weights), GPT-OSS (scores, indices): no logits,
-    # so they are recomputed from the router's input (one [T, H] × [H, N] product).
-    indices = next(o for o in output if not o.is_floating_point())
-    x = args[0].reshape(-1, router.weight.shape[1]).float()
-    bias = getattr(router, "bias", None)
-    return F.linear(x, router.weight.float(), None if bias is None else bias.float()), indices
-
-
-def _select(logits: torch.Tensor, top_k: int, routing: Routing) -> torch.Tensor:
-    """The experts the block picks from these logits, where the router does not say (4.57's
-    bare nn.Linear gates: softmax and top-k happen in the block)."""
-    if routing not in (SOFTMAX_RENORM, SOFTMAX_TOPK, TOPK_SOFTMAX):
-        raise MoekitError(f"cannot tell which experts this router chose ({routing.formula}); "
-                          "use transformers 5.x, whose routers return their choice")
-    return select_experts(routing, logits, top_k, None)
-
-
-def router_probs(logits: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """P(expert | token) for the balance loss and entropy: softmax of the logits, or for sigmoid
-    routers the scores normalised to sum to 1 (DeepSeek-V3's sequence-wise balance loss)."""
-    if routing is SIGMOID_BIASED:
-        scores = logits.sigmoid()
-        return scores / scores.sum(-1, keepdim=True)
-    return logits.softmax(-1)
 
 
 # --------------------------------------------------------------------------- counting on the device
 
 
-class RouterCounter:
-    """Forward hooks that count routing decisions into device tensors, per layer.
+class RoutingStats:
+    """What profile adds up per layer from each batch's routing (a `RoutingCounter`'s `on_route`),
+    in device tensors.
 
     Per layer: load per domain [D, N], co-selection [N, N], summed router probabilities [N],
     summed z-loss and router entropy, and per-batch MaxVio (sum and max), local balance loss
     and dropped slots per capacity factor. `domain` says which domain the next batches are from.
-    `last_counts[layer]` is the load of the latest batch (loss-free balancing reads it).
     """
 
     MAX_KEYS = ("vio_max",)  # reduced with max across processes; every other key with sum
@@ -162,21 +51,7 @@ class RouterCounter:
         self.moe, self.domains, self.capacity_factors = moe, domains, tuple(capacity_factors)
         self.domain = 0
         self.acc: dict[int, dict[str, torch.Tensor]] = {}
-        self.last_counts: dict[int, torch.Tensor] = {}
         self._capacity: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._handles = []
-
-    def __enter__(self) -> RouterCounter:
-        for layer in self.moe.layers:
-            def hook(router, args, output, i=layer.index):
-                self.count(i, *_router_output(router, args, output))
-            self._handles.append(layer.router.register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _zeros(self, device) -> dict[str, torch.Tensor]:
         n, z = self.moe.experts, lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)
@@ -191,31 +66,26 @@ class RouterCounter:
             self._capacity[key] = torch.tensor(caps, dtype=torch.float32, device=device)
         return self._capacity[key]
 
-    def count(self, layer: int, logits: torch.Tensor, chosen: torch.Tensor | None) -> None:
-        """Add one batch of one layer. Device ops only: no value comes back to the host."""
-        n, k = self.moe.experts, self.moe.top_k
-        logits = logits.reshape(-1, n).float()
-        chosen = (_select(logits, k, self.moe.routing) if chosen is None else chosen).reshape(-1, k)
+    def add(self, layer: int, logits: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add one batch of one layer: [T, N] fp32 logits, [T, K] chosen experts, [N] load. Device
+        ops only: no value comes back to the host."""
         tokens = logits.shape[0]
-        hits = torch.zeros_like(logits).scatter_(1, chosen, 1.0)  # [T, N]: 1 where the token went
-        counts = hits.sum(0)  # exact in fp32 below 2^24 tokens per batch
         probs = router_probs(logits, self.moe.routing)
-        mean_probs = probs.mean(0)
         a = self.acc.get(layer)
         if a is None:
             a = self.acc[layer] = self._zeros(logits.device)
         a["counts"][self.domain] += counts
-        if k > 1:
+        if self.moe.top_k > 1:
+            hits = torch.zeros_like(logits).scatter_(1, chosen, 1.0)  # [T, N]: 1 where the token went
             a["pairs"] += hits.T @ hits
         a["prob_sum"] += probs.sum(0)
-        a["z_sum"] += torch.logsumexp(logits, -1).square().sum()
+        a["z_sum"] += z_terms(logits).sum()
         a["entropy_sum"] += torch.special.entr(probs).sum()
         vio = max_vio(counts)
         a["vio_sum"] += vio
         torch.maximum(a["vio_max"], vio, out=a["vio_max"])
-        a["aux_local_sum"] += aux_loss(counts, mean_probs)
+        a["aux_local_sum"] += switch_loss(counts, probs.mean(0))
         a["dropped"] += dropped_slots(counts, self._capacities(tokens, logits.device))
-        self.last_counts[layer] = counts
 
     def totals(self, reduce_device: torch.device | None = None) -> dict[int, dict[str, torch.Tensor]]:
         """Every accumulator on the CPU; all-reduced first when several processes ran."""
@@ -283,11 +153,6 @@ def distributed_rank() -> tuple[int, int]:
     return torch.distributed.get_rank(), world
 
 
-def input_device(model) -> torch.device:
-    """Where token ids go: the embedding's device (the first GPU under device_map="auto")."""
-    return model.get_input_embeddings().weight.device
-
-
 @torch.no_grad()
 def count_routing(model, moe: MoEModel, domains: list[Domain], capacity_factors=CAPACITY_FACTORS,
                   progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
@@ -298,10 +163,11 @@ def count_routing(model, moe: MoEModel, domains: list[Domain], capacity_factors=
     work = [(d, ids) for d, domain in enumerate(domains) for ids in domain.batches][rank::world]
     device = input_device(model)
     start = time.perf_counter()
-    with RouterCounter(moe, len(domains), capacity_factors) as counter:
+    stats = RoutingStats(moe, len(domains), capacity_factors)
+    with RoutingCounter(moe, on_route=stats.add):
         for done, (d, ids) in enumerate(work, 1):
-            counter.domain = d
-            model.model(input_ids=ids.to(device), use_cache=False)
+            stats.domain = d
+            run_decoder(model, ids.to(device))
             if progress:
                 progress(done, len(work))
     if device.type == "cuda":
@@ -314,9 +180,9 @@ def count_routing(model, moe: MoEModel, domains: list[Domain], capacity_factors=
         torch.distributed.all_reduce(facts[:2])
         torch.distributed.all_reduce(facts[2:], op=torch.distributed.ReduceOp.MAX)
         run = facts.cpu()
-        totals = counter.totals(reduce_device)
+        totals = stats.totals(reduce_device)
     else:
-        totals = counter.totals()
+        totals = stats.totals()
     tokens, batches, seconds = run.tolist()
     return totals, {"tokens": int(tokens), "batches": int(batches), "seconds": seconds, "processes": world}
 
@@ -366,7 +232,7 @@ def layer_report(a: dict[str, torch.Tensor], tokens: int, batches: int, moe: MoE
         "router_entropy": _number(a["entropy_sum"] / tokens / math.log(n)),
         "dead_experts": [i for i, c in enumerate(counts) if c == 0],
         "aux_loss_local": _number(a["aux_local_sum"] / batches),
-        "aux_loss_global": _number(aux_loss(counts, mean_probs)),
+        "aux_loss_global": _number(switch_loss(counts, mean_probs)),
         "z_loss": _number(a["z_sum"] / tokens),
         "drop_rate": {str(cf): _number(d / (k * tokens)) for cf, d in zip(capacity_factors, a["dropped"])},
         "top_pairs": _top_pairs(a["pairs"], counts, tokens),

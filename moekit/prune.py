@@ -2,7 +2,7 @@
 
 Scores per expert j of a layer, over the calibration tokens routed to j (BRIEF §8):
 
-- frequency: the number of tokens routed to j (profile.RouterCounter's load);
+- frequency: the number of tokens routed to j (runtime.moe.RoutingCounter's load);
 - ean: Σ ‖E_j(x)‖₂, the expert's output norm, summed (expert activation norm);
 - reap: mean of g_j(x)·‖E_j(x)‖₂, g_j(x) the weight the router gave j (REAP, Cerebras 2025);
 - random: a seeded draw (the baseline).
@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from moekit.architectures import holds_routed_experts, read_field
 from moekit.checkpoint import open_checkpoint
@@ -29,59 +27,14 @@ from moekit.checkpoint.writer import parse_size
 from moekit.errors import MoekitError, UsageError
 from moekit.options import PruneOptions
 from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
+from moekit.runtime.decoder import input_device, run_decoder
+from moekit.runtime.moe import ExpertNorms, RoutingCounter, find_moe_layers
 from moekit.surgery.layout import source_target
 from moekit.surgery.prune import check_prune, choose_kept, keep_count, plan_prune
 from moekit.surgery.requirements import moe_layer_indices
 
 METHODS = ("reap", "frequency", "ean", "random")
 NEEDS_NORMS = ("reap", "ean")
-
-
-class ExpertNorms:
-    """Forward pre-hooks on every MoE block's experts module (5.x: `experts(hidden, top_k_index,
-    top_k_weights)`) that add, per expert, Σ‖E_j(x)‖ and Σ g_j(x)·‖E_j(x)‖ over its routed tokens
-    into device tensors. Each routed token's expert output is computed once more, in fp32."""
-
-    def __init__(self, layers: dict[int, torch.nn.Module]):
-        self.ean: dict[int, torch.Tensor] = {}
-        self.gated: dict[int, torch.Tensor] = {}
-        self._handles = []
-        for i, experts in layers.items():
-            if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
-                raise MoekitError("reap and ean scores read the fused experts of transformers 5.x "
-                                  "(experts.gate_up_proj); with this transformers use --method frequency or random")
-            self._handles.append(experts.register_forward_pre_hook(partial(self._add, i), with_kwargs=True))
-
-    def __enter__(self) -> ExpertNorms:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-
-    def _add(self, i, experts, args, kwargs):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        x, index, weights = (*args, *(kwargs[k] for k in names[len(args):]))[:3]
-        n = experts.gate_up_proj.shape[0]
-        x = x.reshape(-1, x.shape[-1])
-        chosen = index.reshape(-1)
-        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[-1])
-        order = torch.argsort(chosen, stable=True)
-        sizes = torch.bincount(chosen, minlength=n + 1)[:n].tolist()  # index n: "no expert" (expert parallelism)
-        ean = torch.zeros(n, dtype=torch.float64, device=x.device)
-        gated = torch.zeros_like(ean)
-        start = 0
-        for e, size in enumerate(sizes):
-            if size:
-                picked = order[start:start + size]
-                h = x[token[picked]].float()
-                gate, up = F.linear(h, experts.gate_up_proj[e].float()).chunk(2, dim=-1)
-                norm = F.linear(experts.act_fn(gate) * up, experts.down_proj[e].float()).norm(dim=-1)
-                ean[e] = norm.sum()
-                gated[e] = (weights.reshape(-1)[picked].float() * norm).sum()
-            start += size
-        for acc, add in ((self.ean, ean), (self.gated, gated)):
-            acc[i] = acc[i] + add if i in acc else add
 
 
 def calibration_batches(texts: list[str], tokenizer, max_tokens: int, seq_len: int = 512, batch_size: int = 8):
@@ -97,30 +50,21 @@ def calibration_batches(texts: list[str], tokenizer, max_tokens: int, seq_len: i
 @torch.no_grad()
 def expert_scores(model, batches: list[torch.Tensor], norms: bool = True) -> dict[int, dict[str, torch.Tensor]]:
     """Per MoE layer: frequency, and with `norms` ean and reap, each [N] on the CPU."""
-    from moekit.profile import RouterCounter, find_moe_layers, input_device
-
     moe = find_moe_layers(model)
     device = input_device(model)
-    sums = ExpertNorms({layer.index: _experts_of(model, layer.index) for layer in moe.layers}) if norms else nullcontext()
-    with RouterCounter(moe) as counter, sums:
+    sums = ExpertNorms(moe) if norms else nullcontext()
+    with RoutingCounter(moe) as counter, sums:
         for ids in batches:
-            model.model(input_ids=ids.to(device), use_cache=False)
-    totals = counter.totals()
+            run_decoder(model, ids.to(device))
     out = {}
-    for i, a in totals.items():
-        freq = a["counts"].sum(0)
+    for i, counts in counter.totals().items():
+        freq = counts.cpu()
         scores = {"frequency": freq}
         if norms:
             ean = sums.ean.get(i, torch.zeros_like(freq)).cpu()
             scores.update(ean=ean, reap=sums.gated.get(i, torch.zeros_like(freq)).cpu() / freq.clamp_min(1))
         out[i] = scores
     return out
-
-
-def _experts_of(model, i: int) -> torch.nn.Module | None:
-    block = model.model.layers[i]
-    ffn = getattr(block, "mlp", None) or getattr(block, "block_sparse_moe", None)
-    return getattr(ffn, "experts", None)
 
 
 def random_scores(layers: list[int], n: int, seed: int) -> dict[int, dict[str, torch.Tensor]]:

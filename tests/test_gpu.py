@@ -47,7 +47,8 @@ def test_fused_experts_run_in_bf16_under_autocast(tiny_models, monkeypatch):
     (transformers' grouped_mm is not autocast-enabled and would run them in fp32), and fp32 ones
     without autocast; the gradient reaches the fp32 parameters."""
     from moekit.hf import load_model
-    from moekit.training import moe_blocks, use_experts_implementation
+    from moekit.runtime.moe import moe_layers
+    from moekit.training import use_experts_implementation
 
     seen = []
     for owner, name in ((torch.nn.functional, "grouped_mm"), (torch, "_grouped_mm")):
@@ -59,7 +60,7 @@ def test_fused_experts_run_in_bf16_under_autocast(tiny_models, monkeypatch):
             monkeypatch.setattr(owner, name, spy)
     model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cuda")
     assert use_experts_implementation(model).startswith("grouped_mm")
-    experts = next(iter(moe_blocks(model).values())).experts
+    experts = moe_layers(model)[0].experts
     x = torch.randn(64, model.config.hidden_size, device="cuda")
     index = torch.randint(0, 4, (64, 2), device="cuda")
     weights = torch.rand(64, 2, device="cuda")

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from moekit.commands.profile import profile_command
 from moekit.hf import load_model
-from moekit.profile import (Domain, capacities, coefficient_of_variation, dropped_slots, max_vio, normalised_entropy,
-                            profile)
+from moekit.metrics import capacities, coefficient_of_variation, dropped_slots, max_vio, normalised_entropy
+from moekit.profile import Domain, profile
 from tests import tiny
 from tests.tiny import with_char_tokenizer
 
@@ -331,10 +331,13 @@ def test_cuda_counts_equal_cpu_counts(moe_models, model_type):
 @needs_cuda
 def test_counting_never_waits_for_the_gpu(moe_models):
     """The hook's work per batch issues no host synchronisation (CUDA's sync debug mode raises)."""
-    from moekit.profile import RouterCounter, find_moe_layers
+    from moekit.profile import RoutingStats
+    from moekit.runtime.moe import RoutingCounter, find_moe_layers
 
     model, _ = load_model(moe_models("qwen3_moe"), device="cuda")
-    counter = RouterCounter(find_moe_layers(model))
+    moe = find_moe_layers(model)
+    stats = RoutingStats(moe)
+    counter = RoutingCounter(moe, on_route=stats.add)
     logits = torch.randn(64, 4, device="cuda")
     chosen = logits.topk(2).indices
     counter.count(0, logits, chosen)  # the first batch allocates the accumulators
@@ -345,7 +348,7 @@ def test_counting_never_waits_for_the_gpu(moe_models):
             counter.count(0, logits, None)  # 4.57's bare gates: selection reproduced on the device
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert counter.totals()[0]["counts"].sum() == 7 * 64 * 2
+    assert stats.totals()[0]["counts"].sum() == 7 * 64 * 2
 
 
 @pytest.mark.gpu

@@ -13,8 +13,10 @@ import torch
 from moekit.architectures import SIGMOID_BIASED
 from moekit.checkpoint import open_checkpoint
 from moekit.compat import for_both_lines
+from moekit.metrics import switch_aux_loss
+from moekit.runtime.moe import RoutingCounter, find_moe_layers
 from moekit.targets import TARGETS
-from moekit.training import kd_loss, switch_aux_loss
+from moekit.training import kd_loss
 from tests.conftest import Run, run_moekit
 from tests.families import PER_ROUTING, UNGROUPED, first_moe_layer
 from tests.test_upcycle import load
@@ -299,10 +301,10 @@ def test_balance_loss_over_two_micro_batches_by_hand(tiny_models, tmp_path, bala
 
     from moekit.architectures import SOFTMAX_TOPK
     from moekit.hf import load_model
-    from moekit.training import LifelongTrainer, RoutingCounter, collate
+    from moekit.training import LifelongTrainer, collate
 
     model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cpu")
-    counter = RoutingCounter(model)
+    counter = RoutingCounter(find_moe_layers(model))
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=2)
     trainer = LifelongTrainer(model=model, args=args, train_dataset=[{"input_ids": [3] * 8}] * 2, data_collator=collate,
                               aux_loss_coef=1.0, balance=balance, routing=SOFTMAX_TOPK, counter=counter)
@@ -326,16 +328,16 @@ def test_switch_loss_selects_with_the_correction_bias(tiny_models):
     (the ones RoutingCounter sees the experts get), not the top-k of the scores alone."""
     from moekit.architectures import SIGMOID_BIASED
     from moekit.hf import load_model
-    from moekit.training import RoutingCounter, balance_loss, moe_blocks, router_of
+    from moekit.metrics import balance_loss
 
     model, _ = load_model(tiny_models("glm4_moe"), torch.float32, "cpu")
-    block = next(iter(moe_blocks(model).values()))
-    gate = router_of(block)
+    moe = find_moe_layers(model)
+    gate = moe.layers[0].router
     with torch.no_grad():
         gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))  # expert 3 always picked
     seen = {}
     gate.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].detach()))
-    counter = RoutingCounter(model)
+    counter = RoutingCounter(moe)
     model(input_ids=torch.tensor(random_rows(2, 12)))
     logits = [torch.nn.functional.linear(seen["x"].reshape(-1, 64).float(), gate.weight.float())]
     chosen = list(counter.counts.values())
@@ -347,12 +349,12 @@ def test_switch_loss_selects_with_the_correction_bias(tiny_models):
 
 def test_gradient_checkpointing_counts_each_token_once(tiny_models):
     from moekit.hf import load_model
-    from moekit.training import RoutingCounter, enable_checkpointing
+    from moekit.training import enable_checkpointing
 
     model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cpu")
     enable_checkpointing(model)
     model.train()
-    counter = RoutingCounter(model)
+    counter = RoutingCounter(find_moe_layers(model))
     ids = torch.tensor(random_rows(2, 12))
     model(input_ids=ids, use_cache=False).logits.sum().backward()  # the backward recomputes each layer
     assert [float(c.sum()) for c in counter.counts.values()] == [2 * 12 * 2] * 2
