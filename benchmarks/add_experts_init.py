@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from moekit.checkpoint import open_checkpoint
-from moekit.surgery.grow import select_experts
-from moekit.surgery.router_init import calibration_mlp_inputs
-from moekit.targets import TARGETS
+from moekit.metrics import select_experts
+from moekit.runtime.capture import calibration_mlp_inputs
+from moekit.arch.targets import TARGETS
 
 CASES = [("copy", "copy"), ("copy", "zero"), ("drop-upcycling", "copy"), ("mean", "copy"), ("mean", "zero"),
          ("random", "zero"), ("copy", "kmeans")]

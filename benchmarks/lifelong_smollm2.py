@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 
 from moekit.data.text import encode, read_texts
-from moekit.hf import load_model, load_tokenizer
-from moekit.profile import Domain, profile
+from moekit.runtime.models import load_model, load_tokenizer
+from moekit.jobs.profile import Domain, profile
 from moekit.training import TrainOptions, kd_loss, mean_token_loss, read_manifest, train_model
 
 OLD_EXPERTS = 4  # upcycled to 4 experts, then 2 added

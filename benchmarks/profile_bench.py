@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from moekit.profile import Domain, count_routing, find_moe_layers
+from moekit.jobs.profile import Domain, count_routing, find_moe_layers
 
 # Dense bf16 tensor-core peak (no sparsity), by device name.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}

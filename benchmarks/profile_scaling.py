@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_bench import build  # noqa: E402  (the same model as the overhead benchmark)
 
-from moekit.profile import Domain, count_routing, find_moe_layers  # noqa: E402
+from moekit.jobs.profile import Domain, count_routing, find_moe_layers  # noqa: E402
 
 
 def worker(args) -> None:

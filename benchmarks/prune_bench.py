@@ -31,7 +31,7 @@ def build_big_mixtral(dest: Path, hidden=2048, layers=16, experts=8, d_ff=2048, 
     import torch
 
     from moekit.checkpoint import CheckpointWriter, TensorMeta
-    from moekit.targets import TARGETS as LAYOUTS
+    from moekit.arch.targets import TARGETS as LAYOUTS
 
     t = LAYOUTS["mixtral"]
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}

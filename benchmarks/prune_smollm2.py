@@ -96,7 +96,7 @@ def moekit(*args: str) -> float:
 
 
 def held_out_loss(model_dir: Path, rows: dict[str, list[list[int]]], device: str) -> dict[str, float]:
-    from moekit.hf import load_model
+    from moekit.runtime.models import load_model
     from moekit.training import mean_token_loss
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--methods", default="reap,frequency,ean,random")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    from moekit.hf import load_tokenizer
+    from moekit.runtime.models import load_tokenizer
     from moekit.training import TrainOptions, train_model
 
     w = args.work

@@ -12,7 +12,7 @@ import sys
 
 from moekit.checkpoint import open_checkpoint
 from moekit.checkpoint.planned import PlannedCheckpoint
-from moekit.inspect import describe
+from moekit.jobs.inspect import describe
 from moekit.surgery.split import divisors, plan_split
 from moekit.surgery.upcycle import plan_upcycle
 

@@ -22,7 +22,7 @@ from moekit.commands.convert import convert_command
 from moekit.commands.inspect import inspect_command
 from moekit.commands.profile import profile_command
 from moekit.commands.prune import prune_command
-from moekit.commands.split import split_command
+from moekit.commands.split_granularity import split_command
 from moekit.commands.train import train_command
 from moekit.commands.upcycle import upcycle_command
 from moekit.commands.verify import verify_command

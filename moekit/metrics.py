@@ -12,8 +12,7 @@ from typing import Sequence
 
 import torch
 
-from moekit.architectures import SIGMOID_BIASED, SOFTMAX_RENORM, Routing
-from moekit.surgery.grow import select_experts
+from moekit.arch.families import SIGMOID_BIASED, SOFTMAX_RENORM, Routing
 
 # --------------------------------------------------------------------------- load metrics
 
@@ -53,6 +52,15 @@ def dropped_slots(counts: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- router probabilities and losses
+
+
+def select_experts(routing: Routing, logits: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The experts a router picks per token (the ranking step of each routing family; DeepSeek's
+    group limit is left out, moekit's own glm4_moe outputs have a single group)."""
+    if routing is SIGMOID_BIASED:
+        scores = torch.sigmoid(logits.float())
+        return (scores + (bias if bias is not None else 0)).topk(k, dim=-1).indices
+    return logits.topk(k, dim=-1).indices  # softmax is monotonic: the same top-k as the logits
 
 
 def router_probs(logits: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -384,14 +384,6 @@ def load_options(model: type[BaseModel], recipe: Path | None, given: dict) -> Ba
         raise UsageError(options_problem(e, model, given, recipe)) from None
 
 
-def first_problem(e: ValidationError) -> str:
-    """pydantic's first complaint as `field: what is wrong, got VALUE`."""
-    first = e.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "options"
-    given = "" if first["type"] == "missing" else f", got {first.get('input')!r}"
-    return f"{where}: {first['msg']}{given}"
-
-
 def options_problem(e: ValidationError, model: type[BaseModel], given: dict, recipe: Path | None) -> str:
     """pydantic's first complaint in the words of where the value came from: `--flag: what is wrong,
     got VALUE` for a flag, `field: ... (in recipe R)` for a recipe's field."""

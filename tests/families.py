@@ -3,7 +3,7 @@ so that a new target row (plus its fixture in tests/tiny.py) is picked up with n
 
 from __future__ import annotations
 
-from moekit.targets import TARGETS
+from moekit.arch.targets import TARGETS
 from tests import tiny
 
 # Every MoE layout moekit reads (split, add-experts, prune).

@@ -64,7 +64,7 @@ def parents() -> list[Parent]:
 
 
 def children() -> list[Child]:
-    from moekit.targets import TARGETS
+    from moekit.arch.targets import TARGETS
 
     by_name = {p.name: p for p in parents()}
     out = []
@@ -138,7 +138,7 @@ def transformers_logits(jobs: dict) -> dict:
 def llamacpp_logits(jobs: dict) -> dict:
     import numpy as np
 
-    from moekit.llamacpp import logits
+    from moekit.runtime.llamacpp import logits
 
     results = {}
     for name, gguf in jobs["models"].items():

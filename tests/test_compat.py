@@ -1,4 +1,4 @@
-"""Configs and tokenizer folders that transformers 4.57 and 5.x read the same (moekit.compat).
+"""Configs and tokenizer folders that transformers 4.57 and 5.x read the same (moekit.arch.compat).
 
 The end-to-end check (children loaded in 4.57 and llama.cpp against the parent's 5.x logits) is
 tests/test_runtime_matrix.py; these pin down the field mapping itself, in whichever line runs them.
@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from moekit.compat import for_both_lines, tokenizer_config_for_both_lines
+from moekit.arch.compat import for_both_lines, tokenizer_config_for_both_lines
 
 SCALING = {
     "default": {},

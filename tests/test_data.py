@@ -62,7 +62,8 @@ def test_every_format_gives_the_same_texts(files):
 
 
 def test_every_reader_path_gives_the_same_ids_for_every_format(tmp_path):
-    from moekit import profile, prune, training, verify
+    from moekit import training
+    from moekit.jobs import profile, prune, verify
 
     clean = [d.strip() for d in DOCS]  # no whitespace for a .txt paragraph to lose
     files = write_all(tmp_path, clean)
@@ -219,14 +220,15 @@ def old_case_inputs(root) -> dict:
 
 def old_case_outputs(files) -> dict:
     """Each command's ids on the awkward files, through the functions the commands call."""
-    from moekit import profile, prune, training, verify
-    from moekit.surgery import router_init
+    from moekit import training
+    from moekit.jobs import profile, prune, verify
+    from moekit.runtime import capture
 
     def router_batches(texts, max_tokens, seq_len):
         got = []
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(router_init, "collect_mlp_inputs_from_ids", lambda _m, batches, *a, **k: got.extend(batches))
-            router_init.collect_mlp_inputs(None, texts, TOK, [0], max_tokens, seq_len, "cpu")
+            mp.setattr(capture, "collect_mlp_inputs_from_ids", lambda _m, batches, *a, **k: got.extend(batches))
+            capture.collect_mlp_inputs(None, texts, TOK, [0], max_tokens, seq_len, "cpu")
         return got
 
     out = {}
@@ -270,7 +272,7 @@ def test_same_ids_as_the_code_before(tmp_path):
 def test_builtin_text_packs_as_each_command_packed_it():
     """The built-in sample varies with the Python version, so its ids are checked against a hand
     computation of each command's rule instead of a digest."""
-    from moekit import profile, prune, verify
+    from moekit.jobs import profile, prune, verify
 
     texts = dt.builtin_calibration_text(20_000)
     stream = [i for t in texts for i in TOK.encode(t) + [TOK.eos_token_id]]

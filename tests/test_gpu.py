@@ -46,7 +46,7 @@ def test_fused_experts_run_in_bf16_under_autocast(tiny_models, monkeypatch):
     """fp32 master weights, bf16 autocast: the grouped matmuls of the experts must get bf16 weights
     (transformers' grouped_mm is not autocast-enabled and would run them in fp32), and fp32 ones
     without autocast; the gradient reaches the fp32 parameters."""
-    from moekit.hf import load_model
+    from moekit.runtime.models import load_model
     from moekit.runtime.moe import moe_layers
     from moekit.training import use_experts_implementation
 

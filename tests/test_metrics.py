@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from moekit.architectures import SIGMOID_BIASED, SOFTMAX_TOPK
+from moekit.arch.families import SIGMOID_BIASED, SOFTMAX_TOPK
 from moekit.metrics import (balance_loss, bias_state, bias_step, capacities, capacity, coefficient_of_variation,
                             dropped_slots, max_vio, normalised_entropy, router_probs, switch_aux_loss, switch_loss,
                             z_loss, z_terms)

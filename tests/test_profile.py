@@ -18,9 +18,9 @@ import typer
 from typer.testing import CliRunner
 
 from moekit.commands.profile import profile_command
-from moekit.hf import load_model
+from moekit.runtime.models import load_model
 from moekit.metrics import capacities, coefficient_of_variation, dropped_slots, max_vio, normalised_entropy
-from moekit.profile import Domain, profile
+from moekit.jobs.profile import Domain, profile
 from tests import tiny
 from tests.tiny import with_char_tokenizer
 
@@ -331,7 +331,7 @@ def test_cuda_counts_equal_cpu_counts(moe_models, model_type):
 @needs_cuda
 def test_counting_never_waits_for_the_gpu(moe_models):
     """The hook's work per batch issues no host synchronisation (CUDA's sync debug mode raises)."""
-    from moekit.profile import RoutingStats
+    from moekit.jobs.profile import RoutingStats
     from moekit.runtime.moe import RoutingCounter, find_moe_layers
 
     model, _ = load_model(moe_models("qwen3_moe"), device="cuda")

@@ -11,9 +11,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from moekit.architectures import SOFTMAX_TOPK
-from moekit.layouts import PROJS
-from moekit.targets import TARGETS
+from moekit.arch.families import SOFTMAX_TOPK
+from moekit.arch.layouts import PROJS
+from moekit.arch.targets import TARGETS
 from tests import tiny
 from tests.conftest import run_moekit
 from tests.families import READ
@@ -115,8 +115,8 @@ def test_kept_experts_and_router_rows_are_the_source_ones(tmp_path, family):
 def test_scores_match_a_hand_computation(tmp_path, family):
     """frequency, ean and reap of every expert against a computation from the router logits and
     the per-expert weights on disk (routing done by hand for each family)."""
-    from moekit.hf import load_model
-    from moekit.prune import expert_scores
+    from moekit.runtime.models import load_model
+    from moekit.jobs.prune import expert_scores
 
     overrides = {"routed_scaling_factor": 2.5} if family == "glm4_moe" else {}
     src = tiny.build(family, tmp_path / "src", **{TARGETS[family].fields.expert_fields[0]: N}, **overrides)

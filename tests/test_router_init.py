@@ -8,7 +8,8 @@ import torch
 from moekit.checkpoint import open_checkpoint
 from moekit.data.text import builtin_calibration_text
 from moekit.errors import MoekitError
-from moekit.hf import load_dense_model, load_tokenizer
+from moekit.runtime.models import load_dense_model, load_tokenizer
+from moekit.runtime import capture
 from moekit.surgery import router_init as ri
 from tests import tiny
 
@@ -84,27 +85,27 @@ def manual_mlp_inputs(model, ids):
 def test_hooks_capture_exactly_the_mlp_input(llama):
     ids = random_ids()
     manual = manual_mlp_inputs(llama, ids)
-    got = ri.collect_mlp_inputs_from_ids(llama, [ids], [0, 1], max_tokens=10_000, device="cpu", skip_first=0)
+    got = capture.collect_mlp_inputs_from_ids(llama, [ids], [0, 1], max_tokens=10_000, device="cpu", skip_first=0)
     for i in (0, 1):
         assert got[i].shape == (ids.numel(), 64)
         torch.testing.assert_close(got[i], manual[i].reshape(-1, 64), rtol=0, atol=1e-6)
     # skip_first drops position 0 of every row; an early stop after layer 0 changes nothing
-    skipped = ri.collect_mlp_inputs_from_ids(llama, [ids], [0], max_tokens=10_000, device="cpu")
+    skipped = capture.collect_mlp_inputs_from_ids(llama, [ids], [0], max_tokens=10_000, device="cpu")
     torch.testing.assert_close(skipped[0], manual[0][:, 1:].reshape(-1, 64), rtol=0, atol=1e-6)
     # the hooks are gone afterwards
     assert all(not layer.mlp._forward_pre_hooks for layer in llama.model.layers)
 
 
 def test_collect_respects_max_tokens_and_layers(llama):
-    got = ri.collect_mlp_inputs_from_ids(llama, [random_ids(seed=s) for s in range(4)], [1], max_tokens=50, device="cpu")
+    got = capture.collect_mlp_inputs_from_ids(llama, [random_ids(seed=s) for s in range(4)], [1], max_tokens=50, device="cpu")
     assert list(got) == [1] and got[1].shape == (50, 64)
     with pytest.raises(MoekitError, match="layer 5"):
-        ri.collect_mlp_inputs_from_ids(llama, [random_ids()], [5], max_tokens=10, device="cpu")
+        capture.collect_mlp_inputs_from_ids(llama, [random_ids()], [5], max_tokens=10, device="cpu")
 
 
 def test_collect_from_text(llama):
     texts = [f"paragraph {n}: the quick brown fox jumps over the lazy dog" for n in range(20)]
-    got = ri.collect_mlp_inputs(llama, texts, FakeTokenizer(), [0, 1], max_tokens=300, seq_len=32, device="cpu")
+    got = capture.collect_mlp_inputs(llama, texts, FakeTokenizer(), [0, 1], max_tokens=300, seq_len=32, device="cpu")
     assert got[0].shape == got[1].shape == (300, 64)
     assert torch.isfinite(got[1]).all()
 
@@ -131,7 +132,7 @@ def test_kmeans_recovers_separated_clusters():
 
 
 def test_kmeans_on_hidden_states_gives_distinct_non_empty_clusters(llama):
-    x = ri.collect_mlp_inputs_from_ids(llama, [random_ids(8, 32)], [1], 10_000, "cpu")[1]
+    x = capture.collect_mlp_inputs_from_ids(llama, [random_ids(8, 32)], [1], 10_000, "cpu")[1]
     c = ri.balanced_kmeans(x, 8, iters=30, seed=3)
     assert torch.bincount(assign(x, c), minlength=8).min() > 0
     cos = c @ c.T - torch.eye(8) * 2
@@ -161,7 +162,7 @@ def test_kmeans_refuses_too_few_points():
 
 
 def test_kmeans_router_rows_logit_spread(llama):
-    states = ri.collect_mlp_inputs_from_ids(llama, [random_ids(8, 32)], [0, 1], 10_000, "cpu")
+    states = capture.collect_mlp_inputs_from_ids(llama, [random_ids(8, 32)], [0, 1], 10_000, "cpu")
     rows = ri.kmeans_router_rows(states, 4, iters=20, seed=0, logit_std=1.5)
     for i, x in states.items():
         assert rows[i].shape == (4, 64)
@@ -174,8 +175,8 @@ def test_kmeans_router_rows_logit_spread(llama):
 def test_collect_and_kmeans_on_cuda(tiny_models, llama):
     ids = [random_ids(8, 32)]
     cuda_model = load_dense_model(open_checkpoint(tiny_models("llama")), "cuda")
-    on_gpu = ri.collect_mlp_inputs_from_ids(cuda_model, ids, [0, 1], 10_000, "cuda")
-    on_cpu = ri.collect_mlp_inputs_from_ids(llama, ids, [0, 1], 10_000, "cpu")
+    on_gpu = capture.collect_mlp_inputs_from_ids(cuda_model, ids, [0, 1], 10_000, "cuda")
+    on_cpu = capture.collect_mlp_inputs_from_ids(llama, ids, [0, 1], 10_000, "cpu")
     for i in (0, 1):
         assert on_gpu[i].device.type == "cuda"
         torch.testing.assert_close(on_gpu[i].cpu(), on_cpu[i], rtol=1e-3, atol=1e-3)  # TF32 and kernel order
@@ -193,7 +194,7 @@ POSITIVE = [["def main(): return 0", "import os; os.path.join(a, b)"],
 
 def test_prompt_router_rows(llama):
     tok = FakeTokenizer()
-    rows = ri.prompt_router_rows(llama, tok, POSITIVE, [], [0, 1], "cpu")
+    rows = capture.prompt_router_rows(llama, tok, POSITIVE, [], [0, 1], "cpu")
     for i in (0, 1):
         assert rows[i].shape == (3, 64)
         torch.testing.assert_close(rows[i].norm(dim=1), torch.ones(3))
@@ -201,15 +202,15 @@ def test_prompt_router_rows(llama):
 
     # the row is the normalised mean of per-prompt token means (position 0, the BOS, excluded)
     ids = [[1] + tok.encode(p) for p in POSITIVE[0]]
-    per_prompt = [ri.collect_mlp_inputs_from_ids(llama, [torch.tensor([i])], [1], 10_000, "cpu")[1].mean(0) for i in ids]
+    per_prompt = [capture.collect_mlp_inputs_from_ids(llama, [torch.tensor([i])], [1], 10_000, "cpu")[1].mean(0) for i in ids]
     expected = torch.nn.functional.normalize(torch.stack(per_prompt).mean(0), dim=0)
     torch.testing.assert_close(rows[1][0], expected, rtol=0, atol=1e-5)
 
-    negative = ri.prompt_router_rows(llama, tok, POSITIVE, ["hello", "some generic text"], [0, 1], "cpu")
+    negative = capture.prompt_router_rows(llama, tok, POSITIVE, ["hello", "some generic text"], [0, 1], "cpu")
     for i in (0, 1):
         assert not torch.allclose(negative[i], rows[i], atol=1e-3)
     with pytest.raises(MoekitError, match="positive prompt"):
-        ri.prompt_router_rows(llama, tok, [["x"], []], [], [0], "cpu")
+        capture.prompt_router_rows(llama, tok, [["x"], []], [], [0], "cpu")
 
 
 # --------------------------------------------------------------------------- real weights
@@ -220,14 +221,14 @@ def test_smollm2_end_to_end(smollm2):
     ckpt = open_checkpoint(smollm2)
     model, tok = load_dense_model(ckpt, "cpu"), load_tokenizer(ckpt.path)
     layers = [0, 15, 29]
-    states = ri.collect_mlp_inputs(model, builtin_calibration_text(40_000), tok, layers, 2048, 256, "cpu")
+    states = capture.collect_mlp_inputs(model, builtin_calibration_text(40_000), tok, layers, 2048, 256, "cpu")
     rows = ri.kmeans_router_rows(states, 8, iters=30, seed=0)
     for i in layers:
         assert states[i].shape == (2048, 576) and rows[i].shape == (8, 576)
         loads = torch.bincount((states[i] @ rows[i].T).argmax(1), minlength=8)
         assert loads.min() > 0  # every expert is someone's first choice on the calibration text
 
-    prompts = ri.prompt_router_rows(model, tok, [["def f(x):\n    return x + 1"], ["The cat sat on the mat."]],
+    prompts = capture.prompt_router_rows(model, tok, [["def f(x):\n    return x + 1"], ["The cat sat on the mat."]],
                                     ["Hello."], layers, "cpu")
     for i in layers:
         assert (prompts[i][0] @ prompts[i][1]).item() < 0.99

@@ -1,4 +1,4 @@
-"""Every moekit output computes its parent's function in every runtime moekit.runtimes says it
+"""Every moekit output computes its parent's function in every runtime moekit.arch.runtimes says it
 does, and fails or computes something else exactly where the table says so (a change in either
 direction fails here). References are the parent's logits as transformers 5.x computes them.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moekit.runtimes import EXACT, FAILS, WRONG, Facts, verdicts
+from moekit.arch.runtimes import EXACT, FAILS, WRONG, Facts, verdicts
 from tests import runtime_matrix as rm
 from tests.conftest import CACHE, run_moekit
 
@@ -39,7 +39,7 @@ def smollm2_tokenizer() -> Path:
     """SmolLM2's real tokenizer (from the built-in GGUF), saved by transformers 5.x, cached."""
     folder = CACHE / "smollm2-tokenizer-5x"
     if not (folder / "tokenizer.json").is_file():
-        from moekit.hf import load_tokenizer
+        from moekit.runtime.models import load_tokenizer
 
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -50,7 +50,7 @@ def smollm2_tokenizer() -> Path:
 
 def build_parent(p: rm.Parent, folder: Path, tokenizer: Path) -> None:
     """A tiny random parent as transformers 5.x saves it, or rewritten the way 4.57 saves it."""
-    from moekit.compat import tokenizer_config_for_both_lines
+    from moekit.arch.compat import tokenizer_config_for_both_lines
     from tests.tiny import build
 
     rope = {"rope_type": p.rope, "rope_theta": p.theta, **rm.ROPE[p.rope]}
@@ -105,7 +105,7 @@ def run_worker(python: Path, mode: str, jobs: dict, where: Path) -> dict:
 def matrix(tmp_path_factory):
     import transformers
 
-    from moekit import llamacpp
+    from moekit.runtime import llamacpp
 
     if int(transformers.__version__.split(".")[0]) < 5:
         pytest.skip("the matrix is driven from transformers 5.x (it runs 4.57 itself)")

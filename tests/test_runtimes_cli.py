@@ -53,7 +53,7 @@ def test_verify_in_llamacpp_passes_an_exact_child(tmp_path):
     tokenizer.json says, so SmolLM2's tokenizer in a qwen2 folder is one llama.cpp does not know.)"""
     from tests.test_runtime_matrix import missing
 
-    from moekit import llamacpp
+    from moekit.runtime import llamacpp
 
     try:
         llamacpp.converter_dir(), llamacpp.load_bindings()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moekit.checkpoint import open_checkpoint
-from moekit.targets import TARGETS
+from moekit.arch.targets import TARGETS
 from tests.conftest import run_moekit
 from tests.test_upcycle import max_rel_error
 

@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 
-from moekit.architectures import SIGMOID_BIASED
+from moekit.arch.families import SIGMOID_BIASED
 from moekit.checkpoint import open_checkpoint
-from moekit.compat import for_both_lines
+from moekit.arch.compat import for_both_lines
 from moekit.metrics import switch_aux_loss
 from moekit.runtime.moe import RoutingCounter, find_moe_layers
-from moekit.targets import TARGETS
+from moekit.arch.targets import TARGETS
 from moekit.training import kd_loss
 from tests.conftest import Run, run_moekit
 from tests.families import PER_ROUTING, UNGROUPED, first_moe_layer
@@ -102,7 +102,7 @@ def test_frozen_stays_bit_identical_and_trainable_moves(grown, text, tmp_path, f
     manifest = json.loads((src / "moekit.json").read_text())["freeze"]
     biases = {n for n in manifest["tensors"] if n.endswith("e_score_correction_bias")}
     assert_frozen_exact(src, out, manifest, moving_buffers=biases)
-    # the same config, its RoPE written in the forms both transformers lines read (moekit.compat)
+    # the same config, its RoPE written in the forms both transformers lines read (moekit.arch.compat)
     assert json.loads((out / "config.json").read_text()) == for_both_lines(json.loads((src / "config.json").read_text()))
     assert (out / "tokenizer.json").is_file()
     load(out)  # stock transformers: no missing, unexpected or mismatched keys
@@ -269,7 +269,7 @@ def test_trainer_resume_alone_loses_fused_experts(tiny_models, tmp_path):
     import transformers
 
     pytest.importorskip("transformers.core_model_loading", reason="transformers 4.x keeps per-expert names at run time")
-    from moekit.hf import load_model
+    from moekit.runtime.models import load_model
 
     model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cpu")
     model.save_pretrained(tmp_path / "saved")
@@ -299,8 +299,8 @@ def test_balance_loss_over_two_micro_batches_by_hand(tiny_models, tmp_path, bala
     together; the micro-batch loss from its own counts; P is always the micro-batch's own."""
     from transformers import TrainingArguments
 
-    from moekit.architectures import SOFTMAX_TOPK
-    from moekit.hf import load_model
+    from moekit.arch.families import SOFTMAX_TOPK
+    from moekit.runtime.models import load_model
     from moekit.training import LifelongTrainer, collate
 
     model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cpu")
@@ -326,8 +326,8 @@ def test_balance_loss_over_two_micro_batches_by_hand(tiny_models, tmp_path, bala
 def test_switch_loss_selects_with_the_correction_bias(tiny_models):
     """A sigmoid router picks on score + e_score_correction_bias: the loss's f must be those picks
     (the ones RoutingCounter sees the experts get), not the top-k of the scores alone."""
-    from moekit.architectures import SIGMOID_BIASED
-    from moekit.hf import load_model
+    from moekit.arch.families import SIGMOID_BIASED
+    from moekit.runtime.models import load_model
     from moekit.metrics import balance_loss
 
     model, _ = load_model(tiny_models("glm4_moe"), torch.float32, "cpu")
@@ -348,7 +348,7 @@ def test_switch_loss_selects_with_the_correction_bias(tiny_models):
 
 
 def test_gradient_checkpointing_counts_each_token_once(tiny_models):
-    from moekit.hf import load_model
+    from moekit.runtime.models import load_model
     from moekit.training import enable_checkpointing
 
     model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cpu")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from moekit.targets import TARGETS
+from moekit.arch.targets import TARGETS
 from tests.conftest import run_moekit
 from tests.families import PAIRS
 

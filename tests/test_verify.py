@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from moekit.commands.verify import verify_command
-from moekit.hf import load_model
-from moekit.verify import compare_models, make_inputs, vocab_size
+from moekit.runtime.models import load_model
+from moekit.jobs.verify import compare_models, make_inputs, vocab_size
 from tests import tiny
 from tests.tiny import with_char_tokenizer
 from tests.conftest import run_moekit

@@ -1,6 +1,6 @@
 """The plan types of a surgery's output: each output tensor as a header, a function that makes it,
 and where its bytes already lie in a source file (so the writer can copy them). Leaf types: the
-planners build them, the planned checkpoint reads them, the executor (moekit.pipeline) writes them."""
+planners build them, the planned checkpoint reads them, the executor (moekit.report.write) writes them."""
 
 from __future__ import annotations
 

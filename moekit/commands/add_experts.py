@@ -24,7 +24,7 @@ def add_experts_command(opts: AddExpertsOptions) -> None:
         moekit add-experts ./smol-8x2 ./smol-10x2 -m 2 --init mean --router-init zero
         moekit add-experts ./smol-8x2 ./smol-12x2 -m 4 --router-init kmeans --calibration de.txt
     """
-    from moekit.grow import run_add_experts
+    from moekit.jobs.add_experts import run_add_experts
 
     run_surgery("adding experts", run_add_experts, opts, describe_growth)
 

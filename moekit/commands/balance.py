@@ -30,11 +30,11 @@ def balance_command(opts: BalanceOptions) -> None:
     """
     import torch
 
-    from moekit.balance import BIAS, calibrate_bias, check_balanceable, write_balanced
+    from moekit.jobs.balance import BIAS, calibrate_bias, check_balanceable, write_balanced
     from moekit.checkpoint import open_checkpoint
     from moekit.checkpoint.writer import check_target
-    from moekit.hf import load_model, load_tokenizer
-    from moekit.profile import Domain, find_moe_layers, profile, token_rows
+    from moekit.runtime.models import load_model, load_tokenizer
+    from moekit.jobs.profile import Domain, find_moe_layers, profile, token_rows
     from moekit.data.text import calibration_texts, read_texts
 
     where, torch_dtype = run_settings(opts.device, opts.dtype)

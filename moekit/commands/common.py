@@ -151,8 +151,8 @@ def run_settings(device: str, dtype: str):
     import torch
 
     from moekit.checkpoint.dtypes import parse_dtype
-    from moekit.hf import resolve_device
-    from moekit.profile import distributed_rank
+    from moekit.runtime.models import resolve_device
+    from moekit.jobs.profile import distributed_rank
 
     where = resolve_device(device)
     if where.type == "cuda" and distributed_rank()[1] > 1:

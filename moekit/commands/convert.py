@@ -25,7 +25,7 @@ def convert_command(opts: ConvertOptions) -> None:
     target_dtype = parse_dtype(opts.dtype) if opts.dtype else None
     shard = parse_size(opts.max_shard_size)
     ckpt = open_checkpoint(opts.source, allow_pickle=opts.allow_pickle, dtype=target_dtype)
-    from moekit.pipeline import set_dtype, write_model
+    from moekit.report.write import set_dtype, write_model
 
     outputs = plan_convert(ckpt, target_dtype)
     out_dtype = target_dtype or outputs[0].meta.dtype

@@ -21,9 +21,9 @@ def inspect_command(opts: InspectOptions) -> None:
         moekit inspect smollm2-135m
         moekit inspect ./my-moe --json | jq .moe
     """
-    from moekit import runtimes
+    from moekit.arch import runtimes
     from moekit.checkpoint import open_checkpoint
-    from moekit.inspect import describe
+    from moekit.jobs.inspect import describe
 
     ckpt = open_checkpoint(opts.source, allow_pickle=opts.allow_pickle)
     report = describe(ckpt)
@@ -71,7 +71,7 @@ def report_table(r: dict) -> Table:
     t.add_row("size on disk", f"{r['bytes_total'] / 1e6:,.1f} MB in {len(r['files'])} file(s)")
     for note in r["notes"]:
         t.add_row("[yellow]note[/]", note)
-    for run in r.get("runtimes", []):  # known only for the MoE architectures moekit writes (moekit.runtimes)
+    for run in r.get("runtimes", []):  # known only for the MoE architectures moekit writes (moekit.arch.runtimes)
         colour = {"exact": "green", "wrong": "yellow", "fails": "red"}[run["status"]]
         t.add_row(f"runs in {run['runtime']}", f"[{colour}]{run['status']}[/] ({run['how']})"
                   + (f": {escape(run['why'])}" if "why" in run else ""))

@@ -29,9 +29,9 @@ def profile_command(opts: ProfileOptions) -> None:
     """
     from moekit.checkpoint import open_checkpoint
     from moekit.checkpoint.dtypes import config_name
-    from moekit.hf import load_model, load_tokenizer
-    from moekit.architectures import MOE_CONFIG
-    from moekit.profile import NOTHING_TO_PROFILE, distributed_rank, profile, read_domains
+    from moekit.runtime.models import load_model, load_tokenizer
+    from moekit.arch.families import MOE_CONFIG
+    from moekit.jobs.profile import NOTHING_TO_PROFILE, distributed_rank, profile, read_domains
 
     where, torch_dtype = run_settings(opts.device, opts.dtype)
     config = open_checkpoint(opts.model, allow_pickle=opts.allow_pickle).config  # a dense model fails before loading
@@ -54,7 +54,7 @@ def profile_command(opts: ProfileOptions) -> None:
 
 def publish(report: dict, json_out: Path | None, plot: Path | None, html_out: Path | None) -> None:
     """Tables on the terminal (unless JSON goes to stdout), then the requested files."""
-    from moekit.profile_report import figures, html_page, sections, write_plots
+    from moekit.report.profile import figures, html_page, sections, write_plots
 
     if str(json_out) == "-":
         out.print_json(json.dumps(report))

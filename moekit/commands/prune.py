@@ -22,7 +22,7 @@ def prune_command(opts: PruneOptions) -> None:
         moekit prune ./moe-8x2 ./moe-4x2 --keep 4 --method frequency --profile profile.json
         moekit prune ./qwen3-moe ./qwen3-moe-64 --keep 64 --method ean --calibration-tokens 65536
     """
-    from moekit.prune import run_prune
+    from moekit.jobs.prune import run_prune
 
     run_surgery("pruning", run_prune, opts, lambda result, summary: [
         f"[green]wrote[/] {result.path}: {summary['from']} → {summary['experts']} experts × top-{summary['top_k']} "

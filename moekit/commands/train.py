@@ -31,7 +31,7 @@ def train_command(opts: TrainRunOptions) -> None:
         moekit train ./smol-6x2 ./smol-full --data fr.txt --freeze none
         accelerate launch -m moekit train ./big-moe ./out --data corpus.parquet --batch-size 4
     """
-    from moekit.hf import load_tokenizer
+    from moekit.runtime.models import load_tokenizer
     from moekit.training import (check_run, checkpoint_folder, last_checkpoint, load_text_rows, read_manifest,
                                  train_model)
 

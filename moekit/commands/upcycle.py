@@ -22,7 +22,7 @@ def upcycle_command(opts: UpcycleOptions) -> None:
         moekit upcycle ./qwen3 ./qwen3-moe -n 8 -k 2 --routing softmax-topk   # no renormalisation
         moekit upcycle --recipe recipes/smollm2-mixtral-8x2.yaml
     """
-    from moekit.upcycle import run_upcycle
+    from moekit.jobs.upcycle import run_upcycle
 
     run_surgery("upcycling", run_upcycle, opts, lambda result, summary: [
         f"[green]wrote[/] {result.path}: {summary['experts']} experts × top-{summary['top_k']} "

@@ -34,8 +34,8 @@ def verify_command(opts: VerifyOptions) -> None:
     """
     from moekit.checkpoint.dtypes import config_name, parse_dtype
     from moekit.checkpoint.sources import resolve_source
-    from moekit.hf import load_model, load_tokenizer, resolve_device
-    from moekit.verify import compare_models, greedy_continuations, make_inputs, vocab_size
+    from moekit.runtime.models import load_model, load_tokenizer, resolve_device
+    from moekit.jobs.verify import compare_models, greedy_continuations, make_inputs, vocab_size
 
     # Bad options and missing paths fail now, not after minutes of loading.
     torch_dtype, where = parse_dtype(opts.dtype), resolve_device(opts.device)
@@ -76,10 +76,10 @@ def verify_in_llamacpp(opts: VerifyOptions) -> None:
     """Both models converted by llama.cpp's own converter (one process) and run by llama.cpp."""
     import tempfile
 
-    from moekit import llamacpp
+    from moekit.runtime import llamacpp
     from moekit.checkpoint.sources import resolve_source
-    from moekit.hf import load_tokenizer
-    from moekit.verify import compare_models, llamacpp_runner, make_inputs
+    from moekit.runtime.models import load_tokenizer
+    from moekit.jobs.verify import compare_models, llamacpp_runner, make_inputs
 
     llamacpp.load_bindings()  # a missing extra fails now, with the install hint
     start = time.perf_counter()
@@ -115,7 +115,7 @@ def refuse_unsafe_folder(path: Path, allow_pickle: bool) -> None:
     """llama.cpp's converter unpickles weights and, for some architectures, loads the tokenizer with
     trust_remote_code=True: the pickle and remote-code rules are checked here, before it runs."""
     from moekit.checkpoint import open_checkpoint
-    from moekit.hf import custom_code, refuse_custom_model_code
+    from moekit.runtime.models import custom_code, refuse_custom_model_code
 
     open_checkpoint(path, allow_pickle=allow_pickle)
     refuse_custom_model_code(path)

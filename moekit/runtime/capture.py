@@ -7,6 +7,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from moekit.data.text import batches, calibration_texts, encode, pack_text, separator
 from moekit.errors import MoekitError
 from moekit.runtime.decoder import decoder_layers, ffn_of, run_decoder
 
@@ -93,3 +94,58 @@ def prompt_mlp_inputs(model, prompts: list[list[int]], layers: list[int], device
 
         capture_ffn_inputs(model, torch.tensor([ids], device=device), layers, sink)
     return {i: torch.stack(m) for i, m in means.items()}
+
+
+def collect_mlp_inputs(
+    model, texts: list[str], tokenizer, layers: list[int], max_tokens: int, seq_len: int, device, batch_size: int = 8
+) -> dict[int, torch.Tensor]:
+    """`collect_mlp_inputs_from_ids` on calibration text: tokenised, packed into seq_len rows."""
+    # Tokenise only what can be used: max_tokens, the skipped first position of each row, a row of slack.
+    budget = max_tokens + max_tokens // max(seq_len - 1, 1) + seq_len
+    rows = pack_text(texts, tokenizer, seq_len, separator=separator(tokenizer), budget=budget)
+    return collect_mlp_inputs_from_ids(model, batches(rows, batch_size), layers, max_tokens, device)
+
+
+def calibration_mlp_inputs(source, layers: list[int], calibration, max_tokens: int, device,
+                           allow_pickle: bool = False) -> dict[int, torch.Tensor]:
+    """MLP inputs of `layers` on calibration text (a user's file, or the built-in sample), with the
+    model loaded by `from_pretrained` (which maps per-expert keys onto 5.x's fused experts)."""
+    from moekit.runtime.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(source, torch.float32, device, allow_pickle=allow_pickle)[0], load_tokenizer(source)
+    texts = calibration_texts(calibration)
+    return collect_mlp_inputs(model, texts, tokenizer, layers, max_tokens, seq_len=512, device=device)
+
+
+def prompt_router_rows(
+    model, tokenizer, positive: list[list[str]], negative: list[str], layers: list[int], device
+) -> dict[int, torch.Tensor]:
+    """Per layer, [N, H] unit router rows from prompts (mergekit-moe's "hidden" gate mode).
+
+    Expert i's row is the mean MLP input over `positive[i]` minus the mean over `negative` (when
+    given), normalised to unit length. Differences from mergekit, on purpose: the states are the
+    MLP inputs (what the router receives), not the residual stream before the layer's attention;
+    each prompt is averaged over its tokens (mergekit's default keeps only the last position,
+    which with right padding can be a pad token); every prompt weighs the same in the mean.
+    Negative prompts remove the component all prompts share, which otherwise dominates every row
+    and makes the experts' rows nearly parallel.
+    """
+    if not positive or any(not p for p in positive):
+        raise MoekitError("prompt router init needs at least one positive prompt for every expert")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+    def mean_state(prompts: list[str]) -> dict[int, torch.Tensor]:
+        ids = [bos + encode(tokenizer, p) for p in prompts]
+        if any(len(i) <= len(bos) for i in ids):
+            raise MoekitError("a router prompt tokenises to nothing; remove empty prompts")
+        return {i: s.mean(dim=0) for i, s in prompt_mlp_inputs(model, ids, layers, device).items()}
+
+    per_expert = [mean_state(p) for p in positive]
+    neg = mean_state(negative) if negative else None
+    rows = {}
+    for layer in layers:
+        r = torch.stack([e[layer] for e in per_expert])
+        if neg is not None:
+            r = r - neg[layer]
+        rows[layer] = torch.nn.functional.normalize(r, dim=-1)
+    return rows

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from moekit.architectures import MOE_CONFIG, SOFTMAX_RENORM, SOFTMAX_TOPK, TOPK_SOFTMAX, Routing, read_field
+from moekit.arch.families import MOE_CONFIG, SOFTMAX_RENORM, SOFTMAX_TOPK, TOPK_SOFTMAX, Routing, read_field
 from moekit.errors import MoekitError, UsageError
 from moekit.runtime.decoder import decoder_layers, ffn_of
 from moekit.runtime.transformers_private import experts_call, router_output

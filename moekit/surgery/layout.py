@@ -1,4 +1,4 @@
-"""Reading MoE checkpoints in the layouts of `moekit.targets`: one layer's experts and router,
+"""Reading MoE checkpoints in the layouts of `moekit.arch.targets`: one layer's experts and router,
 whoever wrote the checkpoint, and the walk that replaces each MoE block of a source."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 from moekit.checkpoint import Checkpoint, OutputTensor, passthrough
 from moekit.errors import MoekitError
-from moekit.targets import TARGETS, Target
+from moekit.arch.targets import TARGETS, Target
 
 
 def source_target(ckpt: Checkpoint) -> Target:

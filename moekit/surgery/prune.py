@@ -4,7 +4,7 @@ the config, so the stock classes load the result), renumbered densely in their o
 Router rows and selection biases are sliced to the kept experts; shared experts and everything
 else pass through. Kept tensors are byte ranges of the source (per-expert keys renamed, fused
 Granite tensors and router rows as runs of rows), so the writer copies them file to file. Which
-experts to keep comes from scores the caller computes (moekit.prune); this module is pure.
+experts to keep comes from scores the caller computes (moekit.jobs.prune); this module is pure.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.architectures import SOFTMAX_TOPK, read_field
+from moekit.arch.families import SOFTMAX_TOPK, read_field
 from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import UsageError
 from moekit.surgery.layout import ExpertReader, replace_blocks, source_target
 from moekit.surgery.requirements import moe_layer_indices
-from moekit.targets import Target
+from moekit.arch.targets import Target
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Checks before a surgery plans anything: the config holds the numbers the surgery reads, as
 positive integers, and the checkpoint holds every tensor the architecture needs (the tables in
-`moekit.architectures`), in the shapes the config implies. A surgery that skipped a missing
+`moekit.arch.families`), in the shapes the config implies. A surgery that skipped a missing
 tensor would write a complete-looking model that does not load, or loads with random weights.
 """
 
@@ -10,12 +10,11 @@ from typing import Annotated, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-from moekit.architectures import (ATTENTION_TENSORS, DENSE_FFN_TENSORS, DENSE_LAYER_NORMS, LATENT_ATTENTION,
+from moekit.arch.families import (ATTENTION_TENSORS, DENSE_FFN_TENSORS, DENSE_LAYER_NORMS, LATENT_ATTENTION,
                                   MODEL_TENSORS, UNTIED_HEAD, read_field)
 from moekit.checkpoint import Checkpoint
 from moekit.errors import MoekitError
-from moekit.options import first_problem
-from moekit.targets import TARGETS, Target
+from moekit.arch.targets import TARGETS, Target
 
 Positive = Annotated[StrictInt, Field(gt=0)]
 
@@ -42,6 +41,14 @@ class ModelShape(BaseModel):
         if value is None:
             raise MoekitError(f"the config has no {name}, which the shape of the model's tensors needs")
         return value
+
+
+def first_problem(e: ValidationError) -> str:
+    """pydantic's first complaint as `field: what is wrong, got VALUE`."""
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "options"
+    given = "" if first["type"] == "missing" else f", got {first.get('input')!r}"
+    return f"{where}: {first['msg']}{given}"
 
 
 def model_shape(ckpt: Checkpoint, extra: list[str | tuple[str, ...]] = ()) -> ModelShape:

@@ -15,13 +15,13 @@ from typing import Callable
 
 import torch
 
-from moekit.architectures import child_weight_factor, read_field
+from moekit.arch.families import child_weight_factor, read_field
 from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta
 from moekit.errors import UsageError
 from moekit.surgery import partition
 from moekit.surgery.layout import ExpertReader, replace_blocks, source_target
 from moekit.surgery.requirements import model_shape, moe_layer_indices
-from moekit.targets import Target
+from moekit.arch.targets import Target
 
 
 @dataclass(frozen=True)

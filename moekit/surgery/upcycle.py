@@ -14,12 +14,12 @@ from typing import NamedTuple
 
 import torch
 
-from moekit.architectures import holds_routed_experts
+from moekit.arch.families import holds_routed_experts
 from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import MoekitError, UsageError
-from moekit.layouts import PROJS
+from moekit.arch.layouts import PROJS
 from moekit.surgery.requirements import ModelShape, check_dense
-from moekit.targets import (DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, QKV_BIAS, TARGETS, WHY_NOT,
+from moekit.arch.targets import (DEFAULT_TARGET, DENSE_FFN, EMBED, LM_HEAD, NO_SOFTMAX_TOPK, QKV_BIAS, TARGETS, WHY_NOT,
                             Target)
 
 

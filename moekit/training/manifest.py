@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.architectures import MOE_CONFIG, read_field
+from moekit.arch.families import MOE_CONFIG, read_field
 from moekit.errors import MoekitError
 from moekit.runtime.transformers_private import to_disk_names
 

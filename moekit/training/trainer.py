@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from moekit.architectures import MOE_CONFIG, SOFTMAX_RENORM, Routing
+from moekit.arch.families import MOE_CONFIG, SOFTMAX_RENORM, Routing
 from moekit.errors import MoekitError, UsageError
 from moekit.metrics import balance_loss, z_loss
 from moekit.options import TrainOptions
@@ -216,7 +216,7 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.utils import logging as hf_logging
 
-    from moekit.hf import load_model
+    from moekit.runtime.models import load_model
 
     start = time.perf_counter()
     check_options(opts)
@@ -350,7 +350,7 @@ def save_trained(model, ckpt, output: Path, *, overwrite: bool, opts: TrainOptio
     from the runtime layout by transformers' own reverse conversion), with its config.json (same
     content: training changes no config) and side files, plus moekit.json and a model card."""
     from moekit.checkpoint import OutputTensor
-    from moekit.pipeline import write_model
+    from moekit.report.write import write_model
 
     with torch.no_grad():
         state = to_disk_names(model, {k: v.detach() for k, v in model.state_dict().items()})

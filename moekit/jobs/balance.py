@@ -14,12 +14,12 @@ from typing import Callable
 
 import torch
 
-from moekit.architectures import MOE_CONFIG, SIGMOID_BIASED
+from moekit.arch.families import MOE_CONFIG, SIGMOID_BIASED
 from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from moekit.errors import MoekitError
 from moekit.metrics import bias_state, bias_step
-from moekit.pipeline import Progress, WriteResult, write_model
+from moekit.report.write import Progress, WriteResult, write_model
 from moekit.runtime.decoder import input_device, run_decoder
 from moekit.runtime.moe import MoEModel, RoutingCounter
 

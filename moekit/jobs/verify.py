@@ -60,7 +60,7 @@ def llamacpp_runner(gguf: Path):
     """A function of an ids batch [b, s] giving llama.cpp's logits [b, s, vocab] for `gguf`."""
     import numpy as np
 
-    from moekit.llamacpp import logits
+    from moekit.runtime.llamacpp import logits
 
     def run(ids: torch.Tensor):
         return np.stack(logits(gguf, ids.tolist()))

@@ -1,4 +1,4 @@
-"""Presenting a profile (moekit.profile.build_report): tables, PNG figures, one HTML page.
+"""Presenting a profile (moekit.jobs.profile.build_report): tables, PNG figures, one HTML page.
 
 Tables are plain data (title, headers, rows of strings) so the terminal (rich) and the HTML page
 show the same thing. Figures use matplotlib's Agg backend: no display needed.

@@ -1,9 +1,9 @@
 """MoE architectures moekit writes: where each keeps experts and routers on disk, and the config
 values an upcycle sets. One `Target` per architecture; adding one is adding a row here and its config
-fields in `moekit.architectures.MOE_CONFIG` (see docs/upcycle.md).
+fields in `moekit.arch.families.MOE_CONFIG` (see docs/upcycle.md).
 
 Key templates use `{i}` for the layer; how experts lie on disk (per expert or fused) is an
-`ExpertLayout` (`moekit.layouts`), whose `{e}` is the expert and `{proj}` the FFN projection.
+`ExpertLayout` (`moekit.arch.layouts`), whose `{e}` is the expert and `{proj}` the FFN projection.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from moekit.architectures import MOE_CONFIG, MoEConfigFields, Routing
-from moekit.layouts import ExpertLayout, Fused, PerExpert
+from moekit.arch.families import MOE_CONFIG, MoEConfigFields, Routing
+from moekit.arch.layouts import ExpertLayout, Fused, PerExpert
 
 DENSE_FFN = "model.layers.{i}.mlp.{proj}_proj.weight"
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -36,7 +36,7 @@ class Target:
     from_parent: Callable[[dict], dict] | None = None
     parent_requires: dict = field(default_factory=dict)  # parent config values the target cannot change
     softmax_topk: bool = False  # can say "softmax over all experts, top-k, no renormalisation" (norm_topk_prob)
-    # A runtime of this architecture never ties lm_head to the embeddings (moekit.runtimes): a tied
+    # A runtime of this architecture never ties lm_head to the embeddings (moekit.arch.runtimes): a tied
     # parent's child gets lm_head.weight written out and tie_word_embeddings false.
     untie: bool = False
 

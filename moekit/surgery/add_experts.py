@@ -12,14 +12,14 @@ from typing import Callable
 
 import torch
 
-from moekit.architectures import SIGMOID_BIASED, Routing, read_field
+from moekit.arch.families import read_field
 from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
 from moekit.errors import UsageError
 from moekit.surgery.layout import ExpertReader, source_target
 from moekit.surgery.requirements import model_shape, moe_layer_indices
 from moekit.surgery.upcycle import perturb
-from moekit.layouts import PROJS
-from moekit.targets import Target
+from moekit.arch.layouts import PROJS
+from moekit.arch.targets import Target
 
 INITS = ("copy", "mean", "random", "drop-upcycling")
 ROUTER_INITS = ("copy", "kmeans", "zero")
@@ -35,15 +35,6 @@ class GrowPlan:
     old_experts: int
     experts: int
     top_k: int
-
-
-def select_experts(routing: Routing, logits: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """The experts a router picks per token (the ranking step of each routing family; DeepSeek's
-    group limit is left out, moekit's own glm4_moe outputs have a single group)."""
-    if routing is SIGMOID_BIASED:
-        scores = torch.sigmoid(logits.float())
-        return (scores + (bias if bias is not None else 0)).topk(k, dim=-1).indices
-    return logits.topk(k, dim=-1).indices  # softmax is monotonic: the same top-k as the logits
 
 
 def donors(how: str, usage: torch.Tensor | None, n: int, m: int) -> list[int]:
@@ -109,7 +100,7 @@ def plan_add_experts(ckpt: Checkpoint, m: int, *, init: str = "copy", copy_from:
 
     def router(i: int, donor: list[int]) -> torch.Tensor:
         w = reader.load(target.router.format(i=i)).float()
-        if router_init == "kmeans":  # calibrated against the old rows by the caller (moekit.grow)
+        if router_init == "kmeans":  # calibrated against the old rows by the caller (moekit.jobs.add_experts)
             added = rows[i].cpu().float()
         elif router_init == "zero":
             added = torch.zeros(m, hidden)

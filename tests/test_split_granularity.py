@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from moekit.targets import TARGETS
+from moekit.arch.targets import TARGETS
 from tests.conftest import run_moekit
 from tests.families import UNGROUPED
 from tests.test_upcycle import max_rel_error, upcycle

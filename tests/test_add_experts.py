@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moekit.checkpoint import open_checkpoint
-from moekit.targets import TARGETS
+from moekit.arch.targets import TARGETS
 from tests.conftest import run_moekit
 from tests.families import UNGROUPED
 from tests.test_upcycle import load
@@ -141,7 +141,7 @@ def test_counts_from_a_real_profile_report(tiny_models, tmp_path):
 
 def test_kmeans_rows_compete_with_the_old_rows_on_equal_terms(tiny_models, tmp_path):
     """New k-means rows score, on average over the new domain, what the old rows score."""
-    from moekit.surgery.router_init import calibration_mlp_inputs
+    from moekit.runtime.capture import calibration_mlp_inputs
 
     src = with_char_tokenizer(tiny_models("mixtral"), tmp_path / "src")
     calib = tmp_path / "new.txt"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from moekit.architectures import holds_routed_experts
+from moekit.arch.families import holds_routed_experts
 from moekit.checkpoint import Checkpoint, open_checkpoint
 from moekit.checkpoint.dtypes import parse_dtype
 from moekit.checkpoint.planned import PlannedCheckpoint
 from moekit.checkpoint.writer import parse_size
 from moekit.options import SplitOptions
-from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
-from moekit.surgery.router_init import calibration_mlp_inputs
+from moekit.report.write import Progress, WriteResult, set_dtype, write_model
+from moekit.runtime.capture import calibration_mlp_inputs
 from moekit.surgery.split import plan_split
 from moekit.surgery.upcycle import plan_upcycle
 
@@ -26,7 +26,7 @@ def run_split(opts: SplitOptions, progress: Progress | None = None) -> tuple[Wri
         up = plan_upcycle(ckpt, opts.target, 1, 1, shared=opts.shared_experts, moe_layers_spec=opts.moe_layers,
                           router_init="zero", dtype=dtype, seed=opts.seed)
         source = PlannedCheckpoint(ckpt, up.outputs, up.config)
-    from moekit.hf import resolve_device
+    from moekit.runtime.models import resolve_device
 
     device = resolve_device(opts.device) if opts.partition in ("kmeans", "coactivation") else "cpu"
     plan = plan_split(source, opts.granularity, top_k=opts.top_k, method=opts.partition, seed=opts.seed, dtype=dtype,

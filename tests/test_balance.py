@@ -10,10 +10,10 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from moekit.balance import calibrate_bias
+from moekit.jobs.balance import calibrate_bias
 from moekit.commands.balance import balance_command
-from moekit.hf import load_model
-from moekit.profile import Domain, find_moe_layers, profile
+from moekit.runtime.models import load_model
+from moekit.jobs.profile import Domain, find_moe_layers, profile
 from tests import tiny
 from tests.tiny import with_char_tokenizer
 

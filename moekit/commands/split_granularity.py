@@ -19,7 +19,7 @@ def split_command(opts: SplitOptions) -> None:
         moekit split-granularity ./smol-8x2 ./smol-32x8-km -g 4 --partition kmeans
         moekit split-granularity smollm2-135m ./smol-g8 -g 8 --target mixtral
     """
-    from moekit.split import run_split
+    from moekit.jobs.split_granularity import run_split
 
     run_surgery("splitting", run_split, opts, lambda result, summary: [
         f"[green]wrote[/] {result.path}: {summary['from']} → {summary['experts']} experts × top-{summary['top_k']} "

@@ -9,7 +9,7 @@ from moekit.checkpoint.dtypes import parse_dtype
 from moekit.checkpoint.writer import parse_size
 from moekit.errors import UsageError
 from moekit.options import UpcycleOptions
-from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
+from moekit.report.write import Progress, WriteResult, set_dtype, write_model
 from moekit.surgery.upcycle import check_upcycle, plan_upcycle
 
 
@@ -53,9 +53,10 @@ def run_upcycle(opts: UpcycleOptions, progress: Progress | None = None) -> tuple
 
 def data_router_rows(ckpt: Checkpoint, opts: UpcycleOptions, layers: list[int]) -> dict[int, torch.Tensor]:
     """Router rows from forward passes of the dense model: k-means of MLP inputs, or prompts."""
-    from moekit.hf import load_dense_model, load_tokenizer, resolve_device
+    from moekit.runtime.models import load_dense_model, load_tokenizer, resolve_device
     from moekit.data.text import calibration_texts, read_texts
-    from moekit.surgery import router_init as ri
+    from moekit.runtime import capture
+    from moekit.surgery.router_init import kmeans_router_rows
 
     device = resolve_device(opts.device)
     if opts.router_init == "prompts" and len(opts.prompts) != opts.experts:
@@ -63,8 +64,8 @@ def data_router_rows(ckpt: Checkpoint, opts: UpcycleOptions, layers: list[int]) 
     model, tokenizer = load_dense_model(ckpt, device), load_tokenizer(ckpt.path)
     if opts.router_init == "prompts":
         negative = read_texts(opts.negative_prompts) if opts.negative_prompts else []
-        return ri.prompt_router_rows(model, tokenizer, [read_texts(p) for p in opts.prompts], negative,
+        return capture.prompt_router_rows(model, tokenizer, [read_texts(p) for p in opts.prompts], negative,
                                      layers, device)
     texts = calibration_texts(opts.calibration)
-    states = ri.collect_mlp_inputs(model, texts, tokenizer, layers, opts.calibration_tokens, seq_len=512, device=device)
-    return ri.kmeans_router_rows(states, opts.experts, seed=opts.seed)
+    states = capture.collect_mlp_inputs(model, texts, tokenizer, layers, opts.calibration_tokens, seq_len=512, device=device)
+    return kmeans_router_rows(states, opts.experts, seed=opts.seed)

@@ -19,9 +19,9 @@ from moekit.checkpoint import Checkpoint, CheckpointWriter
 from moekit.checkpoint.dtypes import config_name
 from moekit.checkpoint.plan import OutputTensor
 from moekit.checkpoint.reader import TOKENIZER_FILES
-from moekit.compat import for_both_lines, tokenizer_config_for_both_lines
-from moekit.provenance import build_record, model_card, source_record
-from moekit.runtimes import Facts, caveats
+from moekit.arch.compat import for_both_lines, tokenizer_config_for_both_lines
+from moekit.report.card import build_record, model_card, source_record
+from moekit.arch.runtimes import Facts, caveats
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
 

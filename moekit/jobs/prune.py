@@ -20,13 +20,13 @@ from contextlib import nullcontext
 
 import torch
 
-from moekit.architectures import holds_routed_experts, read_field
+from moekit.arch.families import holds_routed_experts, read_field
 from moekit.checkpoint import open_checkpoint
 from moekit.checkpoint.dtypes import parse_dtype
 from moekit.checkpoint.writer import parse_size
 from moekit.errors import MoekitError, UsageError
 from moekit.options import PruneOptions
-from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
+from moekit.report.write import Progress, WriteResult, set_dtype, write_model
 from moekit.runtime.decoder import input_device, run_decoder
 from moekit.runtime.moe import ExpertNorms, RoutingCounter, find_moe_layers
 from moekit.surgery.layout import source_target
@@ -73,7 +73,7 @@ def random_scores(layers: list[int], n: int, seed: int) -> dict[int, dict[str, t
 
 
 def profile_scores(path, layers: list[int], n: int) -> dict[int, dict[str, torch.Tensor]]:
-    from moekit.grow import usage_from_profile
+    from moekit.jobs.add_experts import usage_from_profile
 
     counts = usage_from_profile(path, layers)
     wrong = [i for i in layers if len(counts[i]) != n]
@@ -83,7 +83,7 @@ def profile_scores(path, layers: list[int], n: int) -> dict[int, dict[str, torch
 
 
 def calibration_scores(opts: PruneOptions, device) -> dict[int, dict[str, torch.Tensor]]:
-    from moekit.hf import load_model, load_tokenizer
+    from moekit.runtime.models import load_model, load_tokenizer
     from moekit.data.text import calibration_texts
 
     model, tokenizer = load_model(opts.source, torch.float32, device)[0], load_tokenizer(opts.source)
@@ -93,7 +93,7 @@ def calibration_scores(opts: PruneOptions, device) -> dict[int, dict[str, torch.
 
 
 def run_prune(opts: PruneOptions, progress: Progress | None = None) -> tuple[WriteResult, dict]:
-    from moekit.hf import resolve_device
+    from moekit.runtime.models import resolve_device
 
     if opts.layers != "all":  # one expert count per model in every family's config
         raise UsageError("--layers: every MoE layer of a model has the same number of experts in its config "

@@ -9,22 +9,24 @@ from typing import Callable
 
 import torch
 
-from moekit.architectures import holds_routed_experts
+from moekit.arch.families import holds_routed_experts
 from moekit.checkpoint import Checkpoint, open_checkpoint
 from moekit.checkpoint.dtypes import parse_dtype
 from moekit.checkpoint.planned import PlannedCheckpoint
 from moekit.checkpoint.writer import parse_size
 from moekit.errors import MoekitError, UsageError
 from moekit.options import AddExpertsOptions
-from moekit.pipeline import Progress, WriteResult, set_dtype, write_model
-from moekit.surgery.grow import plan_add_experts, select_experts
-from moekit.surgery.router_init import calibration_mlp_inputs, kmeans_router_rows
+from moekit.report.write import Progress, WriteResult, set_dtype, write_model
+from moekit.metrics import select_experts
+from moekit.surgery.add_experts import plan_add_experts
+from moekit.runtime.capture import calibration_mlp_inputs
+from moekit.surgery.router_init import kmeans_router_rows
 from moekit.surgery.upcycle import plan_upcycle
-from moekit.targets import TARGETS
+from moekit.arch.targets import TARGETS
 
 
 def run_add_experts(opts: AddExpertsOptions, progress: Progress | None = None) -> tuple[WriteResult, dict]:
-    from moekit.hf import resolve_device
+    from moekit.runtime.models import resolve_device
 
     if opts.layers != "all":  # one expert count per model in every target's config
         raise UsageError("--layers: every MoE layer of a model has the same number of experts in its config, "
@@ -122,9 +124,9 @@ def _new_domain_states(ckpt: Checkpoint, opts: AddExpertsOptions, layers: list[i
 
 def _drift(ckpt: Checkpoint, output, opts: AddExpertsOptions, device) -> dict:
     """verify's numbers for the grown model against its source, on old-domain (built-in) text."""
-    from moekit.hf import load_model, load_tokenizer
+    from moekit.runtime.models import load_model, load_tokenizer
     from moekit.data.text import builtin_calibration_text
-    from moekit.verify import compare_models, make_inputs, vocab_size
+    from moekit.jobs.verify import compare_models, make_inputs, vocab_size
 
     parent, child = (load_model(p, torch.float32, device, allow_pickle=opts.allow_pickle)[0] for p in (ckpt.path, output))
     try:

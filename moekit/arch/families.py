@@ -2,9 +2,9 @@
 
 `ROUTING` names how a router turns logits into expert weights (BRIEF §2): it decides whether a
 surgery is exact. `MOE_CONFIG` is the one table of config fields of every MoE family transformers
-ships: the surgeries write them (`moekit.targets` rows read theirs from here), inspect, profile,
+ships: the surgeries write them (`moekit.arch.targets` rows read theirs from here), inspect, profile,
 training and balance read them. The surgery targets (which keys hold experts and routers on disk)
-live in `moekit.targets`.
+live in `moekit.arch.targets`.
 """
 
 from __future__ import annotations

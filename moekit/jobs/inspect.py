@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 
-from moekit.architectures import DENSE_FAMILIES, LAYER, MOE_CONFIG, ROUTED, SHARED, read_field
+from moekit.arch.families import DENSE_FAMILIES, LAYER, MOE_CONFIG, ROUTED, SHARED, read_field
 from moekit.checkpoint import Checkpoint, TensorMeta
 
 EXPERT_ID = re.compile(r"\.experts\.(\d+)\.")

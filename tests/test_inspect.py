@@ -76,6 +76,6 @@ def test_builtin_missing_package_message(monkeypatch):
 
 def test_every_target_has_a_tiny_fixture():
     """A new target row needs its tiny model in tests/tiny.py: the family tests iterate over them."""
-    from moekit.targets import TARGETS
+    from moekit.arch.targets import TARGETS
 
     assert set(TARGETS) <= set(tiny.MOE_FAMILIES)
