@@ -71,7 +71,7 @@ test-main: setup llamacpp
 # Under transformers 4.57: loading and comparing every surgery's output, inspect of every family,
 # training in the per-expert layout, and profiling.
 test-4.57: $(VENV457)/bin/moekit
-	$(VENV457)/bin/python -m pytest -q -ra -m "not slow" tests/test_upcycle.py tests/test_split.py tests/test_grow.py tests/test_prune.py tests/test_training.py tests/test_profile.py tests/test_profile_balance.py tests/test_inspect_cli.py tests/test_compat.py tests/test_softmax_topk.py
+	$(VENV457)/bin/python -m pytest -q -ra -m "not slow" tests/test_upcycle.py tests/test_split_granularity.py tests/test_add_experts.py tests/test_prune.py tests/test_training.py tests/test_profile.py tests/test_balance.py tests/test_inspect.py tests/test_compat.py tests/test_softmax_topk.py tests/test_metrics.py
 
 # The main job on the built-in SmolLM2-135M: dense → 8 experts top-2, check the logits and a
 # greedy generation against the parent, then profile the routing on real text and write a report.

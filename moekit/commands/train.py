@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from moekit.commands.common import command, err, print_json
-from moekit.errors import MoekitError
 from moekit.options import TrainRunOptions
 
 
@@ -31,27 +30,7 @@ def train_command(opts: TrainRunOptions) -> None:
         moekit train ./smol-6x2 ./smol-full --data fr.txt --freeze none
         accelerate launch -m moekit train ./big-moe ./out --data corpus.parquet --batch-size 4
     """
-    from moekit.runtime.models import load_tokenizer
-    from moekit.training import (check_run, checkpoint_folder, last_checkpoint, load_text_rows, read_manifest,
-                                 train_model)
-
-    # Everything that can be wrong with the options fails now, before minutes of loading.
-    for path in (opts.data, opts.replay, opts.eval_data):
-        if path is not None and not path.is_file():
-            raise MoekitError(f"{path}: no such data file")
-    manifest = (None if opts.freeze == "none"
-                else read_manifest(opts.model if opts.freeze == "manifest" else opts.freeze))
-    check_run(opts.model, opts.output, manifest, opts.overwrite)
-    if opts.resume:
-        last_checkpoint(checkpoint_folder(opts.output, opts.checkpoint_dir))
-    tokenizer = load_tokenizer(opts.model)
-    new_rows = load_text_rows(opts.data, tokenizer, opts.seq_len)
-    replay_rows = load_text_rows(opts.replay, tokenizer, opts.seq_len) if opts.replay else None
-    eval_rows = load_text_rows(opts.eval_data, tokenizer, opts.seq_len) if opts.eval_data else None
-    if not opts.json_output:
-        err.print(f"{len(new_rows):,} rows of {opts.seq_len} tokens from {opts.data}"
-                  + (f", {len(replay_rows):,} from {opts.replay}" if replay_rows else "")
-                  + (f", {len(eval_rows):,} held out in {opts.eval_data}" if eval_rows else ""), highlight=False)
+    from moekit.jobs.train import run_train
 
     def show(logs: dict) -> None:
         if opts.json_output:
@@ -65,11 +44,11 @@ def train_command(opts: TrainRunOptions) -> None:
                                                   "drop_rate_cf1", "learning_rate") if k in logs]
         err.print("  ".join(parts), highlight=False)
 
-    summary = train_model(opts.model, opts.output, new_rows, replay_rows, manifest, opts.training(),
-                          eval_rows=eval_rows,
-                          checkpoints=opts.checkpoint_dir, resume=opts.resume, overwrite=opts.overwrite, on_log=show,
-                          record={"data": str(opts.data), "replay": str(opts.replay) if opts.replay else None,
-                                  "freeze": opts.freeze, "eval_data": str(opts.eval_data) if opts.eval_data else None})
+    def announce(line: str) -> None:
+        if not opts.json_output:
+            err.print(line, highlight=False)
+
+    summary = run_train(opts, show, announce)
     if "output" not in summary:  # not the main process of a multi-GPU run: it writes nothing
         return
     if opts.json_output:
