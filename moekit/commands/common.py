@@ -145,24 +145,6 @@ def batch_progress(label: str, enabled: bool):
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def run_settings(device: str, dtype: str):
-    """Validated device and dtype (before any loading); under `accelerate launch` / `torchrun`
-    each process takes its own GPU."""
-    import torch
-
-    from moekit.checkpoint.dtypes import parse_dtype
-    from moekit.runtime.models import resolve_device
-    from moekit.jobs.profile import distributed_rank
-
-    where = resolve_device(device)
-    if where.type == "cuda" and distributed_rank()[1] > 1:
-        where = resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
-        torch.cuda.set_device(where)
-    if dtype == "auto":
-        return where, torch.bfloat16 if where.type == "cuda" else torch.float32
-    return where, parse_dtype(dtype)
-
-
 def written(result) -> dict:
     """What every command that writes a checkpoint reports of it, under the same keys."""
     return {"output": str(result.path), "bytes": result.bytes_written, "shards": result.shards,

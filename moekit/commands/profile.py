@@ -6,8 +6,7 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from moekit.commands.common import batch_progress, command, err, out, run_settings, warn
-from moekit.errors import MoekitError
+from moekit.commands.common import batch_progress, command, err, out, warn
 from moekit.options import ProfileOptions
 
 
@@ -27,26 +26,13 @@ def profile_command(opts: ProfileOptions) -> None:
         moekit profile ./mixtral --device cuda --max-tokens 1000000 --json profile.json
         accelerate launch -m moekit profile ./qwen3-moe --data web.jsonl --json profile.json
     """
-    from moekit.checkpoint import open_checkpoint
-    from moekit.checkpoint.dtypes import config_name
-    from moekit.runtime.models import load_model, load_tokenizer
-    from moekit.arch.families import MOE_CONFIG
-    from moekit.jobs.profile import NOTHING_TO_PROFILE, distributed_rank, profile, read_domains
+    from moekit.jobs.profile import run_profile
+    from moekit.runtime.models import distributed_rank
 
-    where, torch_dtype = run_settings(opts.device, opts.dtype)
-    config = open_checkpoint(opts.model, allow_pickle=opts.allow_pickle).config  # a dense model fails before loading
-    if config.get("model_type") not in MOE_CONFIG:
-        raise MoekitError(NOTHING_TO_PROFILE)
-    domains = read_domains(opts.data, load_tokenizer(opts.model), opts.seq_len, opts.batch_size, opts.max_tokens)
-    loaded, warnings = load_model(opts.model, torch_dtype, where, opts.device_map, allow_pickle=opts.allow_pickle,
-                                  complete=True)
-    main_process = distributed_rank()[0] == 0
-    with batch_progress("profiling", main_process and str(opts.json_out) != "-") as progress:
-        report = profile(loaded, domains, opts.capacity_factors, progress)
-    if not main_process:
+    with batch_progress("profiling", distributed_rank()[0] == 0 and str(opts.json_out) != "-") as progress:
+        report, warnings = run_profile(opts, progress)
+    if report is None:  # not the main process
         return
-    report = {"model": opts.model, "device": f"device_map={opts.device_map}" if opts.device_map else str(where),
-              "dtype": config_name(torch_dtype), "batch_size": opts.batch_size, "seq_len": opts.seq_len, **report}
     for w in warnings:
         warn(w)
     publish(report, opts.json_out, opts.plot, opts.html_out)

@@ -10,18 +10,23 @@ kept in fp32. The result is a copy of the checkpoint with only those biases chan
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
 from moekit.arch.families import MOE_CONFIG, SIGMOID_BIASED
 from moekit.checkpoint import Checkpoint, OutputTensor, TensorMeta, passthrough
-from moekit.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
+from moekit.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, check_target
+from moekit.checkpoint import open_checkpoint
+from moekit.data.text import calibration_texts, read_texts
 from moekit.errors import MoekitError
+from moekit.jobs.profile import Domain, profile, token_rows
+from moekit.options import BalanceOptions
 from moekit.metrics import bias_state, bias_step
 from moekit.report.write import Progress, WriteResult, write_model
 from moekit.runtime.decoder import input_device, run_decoder
-from moekit.runtime.moe import MoEModel, RoutingCounter
+from moekit.runtime.models import load_model, load_tokenizer, run_settings
+from moekit.runtime.moe import MoEModel, RoutingCounter, find_moe_layers
 
 BIAS = "e_score_correction_bias"
 BIASED_FAMILIES = tuple(t for t, f in MOE_CONFIG.items() if f.routing is SIGMOID_BIASED)
@@ -97,3 +102,59 @@ def write_balanced(ckpt: Checkpoint, output: Path, biases: dict[str, torch.Tenso
         what=(f"`{ckpt.path.name}` with its `{BIAS}` calibrated by DeepSeek's loss-free balancing on "
               "calibration text: the experts a token is sent to changed, the weights and every other tensor did not."),
         max_shard_size=DEFAULT_MAX_SHARD_SIZE, overwrite=overwrite, progress=progress)
+
+
+def run_balance(opts: BalanceOptions, progress_for: Callable[[str], ContextManager],
+                bytes_progress: Callable[[], ContextManager]) -> tuple[WriteResult, dict, list[dict]]:
+    """The balance job: calibrate the correction biases on text, measure MaxVio on held-out text
+    before and after, write the model; (result, summary, per-layer rows). `progress_for(label)` and
+    `bytes_progress()` give the progress callbacks of the batch loops and of the writer."""
+    where, torch_dtype = run_settings(opts.device, opts.dtype)
+    ckpt = open_checkpoint(opts.model)
+    check_balanceable(ckpt.config)
+    check_target(opts.output, [ckpt.path], opts.overwrite)  # before minutes of calibration, not after
+    tokenizer = load_tokenizer(opts.model)
+    what = str(opts.data) if opts.data else "the built-in sample"
+    rows = token_rows(calibration_texts(opts.data), tokenizer, opts.seq_len, opts.max_tokens, what)
+    # Shuffled (seeded): consecutive sequences come from the same document, and a bias that
+    # chases one document per batch does not balance the whole text.
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
+    if opts.eval_data:
+        held = token_rows(read_texts(opts.eval_data), tokenizer, opts.seq_len, opts.max_tokens, str(opts.eval_data))
+    elif len(rows) < 2:
+        raise MoekitError(f"{what}: one sequence of {opts.seq_len} tokens; calibration and held-out text need two "
+                          "(or give --eval-data)")
+    else:
+        split = len(rows) - max(1, len(rows) // 4)
+        rows, held = rows[:split], rows[split:]
+    loaded, warnings = load_model(opts.model, torch_dtype, where, complete=True)
+    moe = find_moe_layers(loaded)
+    held_out = [Domain("held-out", list(held.split(opts.batch_size)))]
+    with progress_for("MaxVio before") as progress:
+        before = profile(loaded, held_out, progress=progress)
+    with progress_for("calibrating") as progress:
+        biases = calibrate_bias(loaded, moe, list(rows.split(opts.batch_size)), opts.steps, opts.rate,
+                                not opts.fixed_rate, progress)
+    with progress_for("MaxVio after") as progress:
+        after = profile(loaded, held_out, progress=progress)
+
+    layers = []
+    for layer, b, a in zip(moe.layers, before["layers"], after["layers"]):
+        bias = biases[f"{layer.name}.{BIAS}"]
+        layers.append({"layer": layer.index, "maxvio_before": b["maxvio_global"], "maxvio_after": a["maxvio_global"],
+                       "bias_min": bias.min().item(), "bias_max": bias.max().item()})
+    summary = {"maxvio_global_before": before["total"]["maxvio_global"],
+               "maxvio_global_after": after["total"]["maxvio_global"],
+               "worst_layer_before": max(x["maxvio_before"] for x in layers),
+               "worst_layer_after": max(x["maxvio_after"] for x in layers),
+               "steps": opts.steps, "rate": opts.rate, "calibration_tokens": rows.numel(),
+               "held_out_tokens": held.numel()}
+    options = {"data": str(opts.data) if opts.data else "built-in sample",
+               "eval_data": str(opts.eval_data) if opts.eval_data else None, "rate": opts.rate, "steps": opts.steps,
+               "fixed_rate": opts.fixed_rate, "max_tokens": opts.max_tokens, "batch_size": opts.batch_size,
+               "seq_len": opts.seq_len, "dtype": str(torch_dtype)}
+    with bytes_progress() as progress:
+        result = write_balanced(ckpt, opts.output, biases, options=options, layers=layers, summary=summary,
+                                overwrite=opts.overwrite, progress=progress)
+    result.warnings[:0] = warnings  # loading warnings first, as they came
+    return result, summary, layers

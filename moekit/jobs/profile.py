@@ -22,13 +22,17 @@ from typing import Callable
 
 import torch
 
+from moekit.arch.families import MOE_CONFIG
+from moekit.checkpoint import open_checkpoint
+from moekit.checkpoint.dtypes import config_name
 from moekit.data.text import calibration_texts, pack_text, separator, token_stream
 from moekit.errors import MoekitError
+from moekit.options import ProfileOptions
 from moekit.metrics import (capacities, coefficient_of_variation, dropped_slots, max_vio, normalised_entropy,
                             router_probs, switch_loss, z_terms)
 from moekit.runtime.decoder import input_device, run_decoder
-# NOTHING_TO_PROFILE and find_moe_layers are imported from here by the commands
-from moekit.runtime.moe import NOTHING_TO_PROFILE, MoEModel, RoutingCounter, find_moe_layers  # noqa: F401
+from moekit.runtime.models import distributed_rank, load_model, load_tokenizer, run_settings
+from moekit.runtime.moe import NOTHING_TO_PROFILE, MoEModel, RoutingCounter, find_moe_layers
 
 CAPACITY_FACTORS = (1.0, 1.25, 1.5, 2.0)
 
@@ -140,17 +144,6 @@ def read_domains(files: list[Path], tokenizer, seq_len: int, batch_size: int, ma
 
 
 # --------------------------------------------------------------------------- running
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) under `accelerate launch` or `torchrun` (they set WORLD_SIZE and the
-    rendezvous variables); the process group is initialised on first use. (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return torch.distributed.get_rank(), world
 
 
 @torch.no_grad()
@@ -280,3 +273,21 @@ def profile(model, domains: list[Domain], capacity_factors=CAPACITY_FACTORS,
     moe = find_moe_layers(model)
     totals, run = count_routing(model, moe, domains, capacity_factors, progress)
     return build_report(totals, run, moe, domains, capacity_factors)
+
+
+def run_profile(opts: ProfileOptions, progress: Callable[[int, int], None] | None = None) -> tuple[dict | None, list[str]]:
+    """The profile job: (the report, loading warnings); (None, []) on a process of a multi-GPU run
+    that is not the main one (it counts, the main process reports)."""
+    where, torch_dtype = run_settings(opts.device, opts.dtype)
+    config = open_checkpoint(opts.model, allow_pickle=opts.allow_pickle).config  # a dense model fails before loading
+    if config.get("model_type") not in MOE_CONFIG:
+        raise MoekitError(NOTHING_TO_PROFILE)
+    domains = read_domains(opts.data, load_tokenizer(opts.model), opts.seq_len, opts.batch_size, opts.max_tokens)
+    loaded, warnings = load_model(opts.model, torch_dtype, where, opts.device_map, allow_pickle=opts.allow_pickle,
+                                  complete=True)
+    report = profile(loaded, domains, opts.capacity_factors, progress)
+    if distributed_rank()[0] != 0:
+        return None, []
+    return {"model": opts.model, "device": f"device_map={opts.device_map}" if opts.device_map else str(where),
+            "dtype": config_name(torch_dtype), "batch_size": opts.batch_size, "seq_len": opts.seq_len,
+            **report}, warnings

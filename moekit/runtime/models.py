@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -214,3 +215,27 @@ def load_dense_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> to
         model.tie_weights()  # lm_head was left uninitialised; make it the embedding again
     return model.eval()
 
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) under `accelerate launch` or `torchrun` (they set WORLD_SIZE and the
+    rendezvous variables); the process group is initialised on first use. (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), world
+
+
+def run_settings(device: str, dtype: str):
+    """Validated device and dtype (before any loading); under `accelerate launch` / `torchrun`
+    each process takes its own GPU."""
+    from moekit.checkpoint.dtypes import parse_dtype
+
+    where = resolve_device(device)
+    if where.type == "cuda" and distributed_rank()[1] > 1:
+        where = resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+        torch.cuda.set_device(where)
+    if dtype == "auto":
+        return where, torch.bfloat16 if where.type == "cuda" else torch.float32
+    return where, parse_dtype(dtype)
