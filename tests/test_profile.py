@@ -30,19 +30,6 @@ SIGMOID = ("glm4_moe", "deepseek_v3", "dots1")
 CFS = (1.0, 1.25, 1.5, 2.0)
 
 
-@pytest.fixture(scope="module")
-def moe_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("profile-tiny")
-    built: dict[str, Path] = {}
-
-    def get(model_type: str) -> Path:
-        if model_type not in built:
-            built[model_type] = tiny.build(model_type, root / model_type)
-        return built[model_type]
-
-    return get
-
-
 def profile_app(*args) -> object:
     """`moekit profile ARGS` through Typer (registered in moekit.cli by the lead)."""
     app = typer.Typer(pretty_exceptions_enable=False)
@@ -160,8 +147,8 @@ def reference_report(model, model_type: str, domains: list[Domain]) -> list[dict
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_every_metric_matches_router_logits(moe_models, model_type):
-    model, _ = load_model(moe_models(model_type), device="cpu")
+def test_every_metric_matches_router_logits(tiny_models, model_type):
+    model, _ = load_model(tiny_models(model_type), device="cpu")
     if model_type in SIGMOID:  # a non-zero correction bias, so that selection on score + bias is what is tested
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
@@ -217,8 +204,8 @@ def texts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def glm(moe_models, tmp_path_factory):
-    return with_char_tokenizer(moe_models("glm4_moe"), tmp_path_factory.mktemp("glm") / "m")
+def glm(tiny_models, tmp_path_factory):
+    return with_char_tokenizer(tiny_models("glm4_moe"), tmp_path_factory.mktemp("glm") / "m")
 
 
 def test_profile_writes_json_plots_and_html(glm, texts, tmp_path):
@@ -246,7 +233,7 @@ def test_profile_json_to_stdout_with_builtin_text(glm):
     assert list(report["total"]["drop_rate"]) == ["1.0", "3.0"] and "specialisation" not in report["total"]
 
 
-def test_profile_errors_are_one_line(moe_models, glm, texts, tmp_path):
+def test_profile_errors_are_one_line(tiny_models, glm, texts, tmp_path):
     dense = with_char_tokenizer(tiny.build("llama", tmp_path / "dense"), tmp_path / "dense-tok")
     cpu = ("--device", "cpu")
     cases = [
@@ -286,11 +273,11 @@ def _profile_worker(rank: int, world: int, port: int, model_dir: str, out: str) 
     torch.distributed.destroy_process_group()
 
 
-def test_two_processes_count_what_one_counts(moe_models, tmp_path):
+def test_two_processes_count_what_one_counts(tiny_models, tmp_path):
     """gloo on CPU: each process takes every other batch; the all-reduced totals equal one process's."""
     import torch.multiprocessing as mp
 
-    model_dir = moe_models("qwen3_moe")
+    model_dir = tiny_models("qwen3_moe")
     mp.spawn(_profile_worker, args=(2, _free_port(), str(model_dir), str(tmp_path / "dp.json")), nprocs=2)
     both = json.loads((tmp_path / "dp.json").read_text())
     one = profile(load_model(model_dir, device="cpu")[0], random_domains(), CFS)
@@ -303,8 +290,8 @@ def test_two_processes_count_what_one_counts(moe_models, tmp_path):
         assert a["drop_rate"] == pytest.approx(b["drop_rate"])
 
 
-def test_device_map_auto_counts_the_same(moe_models):
-    model_dir = moe_models("mixtral")
+def test_device_map_auto_counts_the_same(tiny_models):
+    model_dir = tiny_models("mixtral")
     spread, _ = load_model(model_dir, device="cpu", device_map="auto")
     a = profile(spread, random_domains(), CFS)
     b = profile(load_model(model_dir, device="cpu")[0], random_domains(), CFS)
@@ -319,8 +306,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("model_type", ["mixtral", "glm4_moe", "gpt_oss"])
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_counts_equal_cpu_counts(moe_models, model_type):
-    path = moe_models(model_type)
+def test_cuda_counts_equal_cpu_counts(tiny_models, model_type):
+    path = tiny_models(model_type)
     on_gpu = profile(load_model(path, device="cuda")[0], random_domains(), CFS)
     on_cpu = profile(load_model(path, device="cpu")[0], random_domains(), CFS)
     assert [x["tokens_per_expert"] for x in on_gpu["layers"]] == [x["tokens_per_expert"] for x in on_cpu["layers"]]
@@ -329,12 +316,12 @@ def test_cuda_counts_equal_cpu_counts(moe_models, model_type):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_counting_never_waits_for_the_gpu(moe_models):
+def test_counting_never_waits_for_the_gpu(tiny_models):
     """The hook's work per batch issues no host synchronisation (CUDA's sync debug mode raises)."""
     from moekit.jobs.profile import RoutingStats
     from moekit.runtime.moe import RoutingCounter, find_moe_layers
 
-    model, _ = load_model(moe_models("qwen3_moe"), device="cuda")
+    model, _ = load_model(tiny_models("qwen3_moe"), device="cuda")
     moe = find_moe_layers(model)
     stats = RoutingStats(moe)
     counter = RoutingCounter(moe, on_route=stats.add)
@@ -374,8 +361,8 @@ def test_cli_under_torchrun_on_two_gpus(glm, texts, tmp_path):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_device_map_auto_on_cuda(moe_models):
-    path = moe_models("qwen2_moe")
+def test_device_map_auto_on_cuda(tiny_models):
+    path = tiny_models("qwen2_moe")
     spread = profile(load_model(path, device="cuda", device_map="auto")[0], random_domains(), CFS)
     single = profile(load_model(path, device="cpu")[0], random_domains(), CFS)
     assert [x["tokens_per_expert"] for x in spread["layers"]] == [x["tokens_per_expert"] for x in single["layers"]]

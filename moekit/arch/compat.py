@@ -1,4 +1,4 @@
-"""Config and tokenizer files that transformers 4.57 and 5.x read the same (BRIEF §7).
+"""Config and tokenizer files that transformers 4.57 and 5.x read the same.
 
 5.x keeps RoPE settings only in `rope_parameters`; 4.57 reads top-level `rope_theta`,
 `rope_scaling` and (GLM) `partial_rotary_factor`, and falls back to each class's default theta

@@ -1,6 +1,6 @@
 """What moekit knows about each architecture, as data.
 
-`ROUTING` names how a router turns logits into expert weights (BRIEF §2): it decides whether a
+`ROUTING` names how a router turns logits into expert weights: it decides whether a
 surgery is exact. `MOE_CONFIG` is the one table of config fields of every MoE family transformers
 ships: the surgeries write them (`moekit.arch.targets` rows read theirs from here), inspect, profile,
 training and balance read them. The surgery targets (which keys hold experts and routers on disk)
@@ -106,7 +106,7 @@ def read_field(config: dict, field: str | tuple[str, ...] | None):
 
 def child_weight_factor(routing: Routing, config: dict, granularity: int) -> float:
     """The factor on each fine-grained child's down projection that makes G children, routed
-    together, add up to their parent (BRIEF §2).
+    together, add up to their parent.
 
     Children share the parent's router row, so they tie, and top-(K·G) picks exactly the children
     of the K parents the old router picked. Where weights come from a softmax over experts, or are

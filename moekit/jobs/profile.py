@@ -3,7 +3,7 @@
 A forward hook on every MoE layer's router reads the router logits and the experts each token
 goes to, and adds them into tensors on the router's device. Nothing is copied to the host during
 the run (no `.item()`, no logits to the CPU): the accumulators leave the device once, at the end,
-and the metrics of BRIEF §3 are computed from them on the CPU.
+and the metrics of moekit.metrics are computed from them on the CPU.
 
 Under `accelerate launch` / `torchrun` every process profiles its share of the batches and the
 accumulators are all-reduced; `device_map="auto"` models work too (each layer counts on its own

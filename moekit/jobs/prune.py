@@ -1,6 +1,6 @@
 """The prune job: score every expert on calibration text, keep the best N' per layer, write.
 
-Scores per expert j of a layer, over the calibration tokens routed to j (BRIEF §8):
+Scores per expert j of a layer, over the calibration tokens routed to j:
 
 - frequency: the number of tokens routed to j (runtime.moe.RoutingCounter's load);
 - ean: Σ ‖E_j(x)‖₂, the expert's output norm, summed (expert activation norm);
