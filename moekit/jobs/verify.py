@@ -10,13 +10,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from moekit.checkpoint import open_checkpoint
+from moekit.checkpoint.dtypes import config_name, parse_dtype
+from moekit.checkpoint.sources import resolve_source
 from moekit.data.text import COMPARISON, batches, cut_rows, is_plain_text, iter_texts, token_stream
 from moekit.errors import MoekitError
+from moekit.options import VerifyOptions
+from moekit.runtime import llamacpp
+from moekit.runtime.models import custom_code, load_model, load_tokenizer, refuse_custom_model_code, resolve_device
 
 
 def vocab_size(model: torch.nn.Module) -> int:
@@ -118,3 +126,99 @@ def greedy_continuations(parent_model, child_model, tokenizer, prompt: str, new_
                                  pad_token_id=tokenizer.eos_token_id)
         texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return texts[0], texts[1]
+
+
+def run_verify(opts: VerifyOptions, status: Callable[[str], ContextManager]) -> dict:
+    """The verify job: the child's logits against the parent's, in transformers or llama.cpp; the
+    report `commands/verify` prints. `status(label)` wraps each slow step (a spinner)."""
+    # Bad options and missing paths fail now, not after minutes of loading.
+    torch_dtype, where = parse_dtype(opts.dtype), resolve_device(opts.device)
+    resolve_source(opts.parent), resolve_source(opts.child)
+    if opts.data is not None and not opts.data.is_file():
+        raise MoekitError(f"{opts.data}: no such file")
+    if opts.runtime == "llama.cpp":
+        return verify_in_llamacpp(opts, status)
+    start = time.perf_counter()
+    parent_model, warnings = load_model(opts.parent, torch_dtype, where, allow_pickle=opts.allow_pickle)
+    child_model, child_warnings = load_model(opts.child, torch_dtype, where, allow_pickle=opts.allow_pickle)
+    warnings += child_warnings
+    vocab = min(vocab_size(parent_model), vocab_size(child_model))
+    batches = make_inputs(vocab, opts.tokens, opts.batch, opts.seq_len, opts.seed, opts.data,
+                          load_tokenizer(opts.parent) if opts.data else None)
+    load_seconds = time.perf_counter() - start
+    with status(f"comparing on {sum(b.numel() for b in batches):,} tokens"):
+        result = compare_models(parent_model, child_model, batches)
+
+    if opts.prompt is not None:
+        tokenizer = load_tokenizer(opts.parent)
+        texts = greedy_continuations(parent_model, child_model, tokenizer, opts.prompt, opts.new_tokens)
+        result.update(prompt=opts.prompt, parent_generation=texts[0], child_generation=texts[1],
+                      same_generation=texts[0] == texts[1])
+    report = {"parent": opts.parent, "child": opts.child,
+              "parent_type": parent_model.config.model_type, "child_type": child_model.config.model_type,
+              "inputs": inputs_name(opts), "device": str(where), "dtype": config_name(torch_dtype),
+              **result, "load_seconds": load_seconds, "tolerance": opts.tolerance, "warnings": warnings}
+    return report
+
+
+def inputs_name(opts: VerifyOptions) -> str:
+    return str(opts.data) if opts.data else f"random ids (seed {opts.seed})"
+
+
+def verify_in_llamacpp(opts: VerifyOptions, status: Callable[[str], ContextManager]) -> dict:
+    """Both models converted by llama.cpp's own converter (one process) and run by llama.cpp."""
+    import tempfile
+
+    llamacpp.load_bindings()  # a missing extra fails now, with the install hint
+    start = time.perf_counter()
+    paths = {"parent": resolve_source(opts.parent), "child": resolve_source(opts.child)}
+    for path in paths.values():
+        if path.suffix != ".gguf":
+            refuse_unsafe_folder(path, opts.allow_pickle)
+    with tempfile.TemporaryDirectory(prefix="moekit-verify-") as tmp:
+        ggufs = {n: p if p.suffix == ".gguf" else Path(tmp) / f"{n}.gguf" for n, p in paths.items()}
+        todo = [(paths[n], g) for n, g in ggufs.items() if g != paths[n]]
+        with status("converting with llama.cpp's converter") if todo else nullcontext():
+            converted = llamacpp.convert_many(todo) if todo else []
+        for (src, _), r in zip(todo, converted):
+            if not r["ok"]:
+                raise MoekitError(f"{src}: llama.cpp's converter refuses it: {r['error'][:300]}")
+        vocab = min(_gguf_vocab(g) for g in ggufs.values())
+        batches = make_inputs(vocab, opts.tokens, 1, opts.seq_len, opts.seed, opts.data,
+                              load_tokenizer(opts.parent) if opts.data else None)
+        load_seconds = time.perf_counter() - start
+        with status(f"comparing on {sum(b.numel() for b in batches):,} tokens"):
+            result = compare_models(llamacpp_runner(ggufs["parent"]), llamacpp_runner(ggufs["child"]), batches)
+    commit = llamacpp.vendored_commit()
+    report = {"parent": opts.parent, "child": opts.child, "parent_type": _gguf_arch(ggufs["parent"], paths["parent"]),
+              "child_type": _gguf_arch(ggufs["child"], paths["child"]), "inputs": inputs_name(opts),
+              "device": "llama.cpp" + (f" {commit[:12]}" if commit else ""), "dtype": "float32 (GGUF f32, f32 KV cache)",
+              **result, "load_seconds": load_seconds, "tolerance": opts.tolerance, "warnings": []}
+    return report
+
+
+def refuse_unsafe_folder(path: Path, allow_pickle: bool) -> None:
+    """llama.cpp's converter unpickles weights and, for some architectures, loads the tokenizer with
+    trust_remote_code=True: the pickle and remote-code rules are checked here, before it runs."""
+    open_checkpoint(path, allow_pickle=allow_pickle)
+    refuse_custom_model_code(path)
+    code = custom_code(path, "config.json") or custom_code(path, "tokenizer_config.json")
+    if code:
+        raise MoekitError(f"{path}: it names its own code ({code}, in auto_map) and llama.cpp's converter may run it; "
+                          "moekit never runs code from a checkpoint")
+
+
+def _gguf_vocab(path: Path) -> int:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return len(reader.fields["tokenizer.ggml.tokens"].data)
+
+
+def _gguf_arch(gguf: Path, source: Path) -> str:
+    cfg = source / "config.json"
+    if cfg.is_file():
+        import json
+
+        return json.loads(cfg.read_text()).get("model_type", "unknown")
+    return gguf.stem
