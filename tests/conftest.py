@@ -16,12 +16,16 @@ CACHE = Path(os.environ.get("MOEKIT_TEST_CACHE", Path.home() / ".cache" / "moeki
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """model_type -> folder of a tiny random model; built on first use, once per session."""
-    root = tmp_path_factory.mktemp("tiny")
+    return built_once(tmp_path_factory.mktemp("tiny"), tiny.build)
+
+
+def built_once(root: Path, build):
+    """model_type -> the folder `build(model_type, root / model_type)` made, built on first use."""
     built: dict[str, Path] = {}
 
     def get(model_type: str) -> Path:
         if model_type not in built:
-            built[model_type] = tiny.build(model_type, root / model_type)
+            built[model_type] = build(model_type, root / model_type)
         return built[model_type]
 
     return get

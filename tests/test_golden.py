@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests import tiny
-from tests.conftest import run_moekit
+from tests.conftest import built_once, run_moekit
 
 HASHES = Path(__file__).with_name("golden_hashes.json")
 CALIBRATION = ("The quick brown fox jumps over the lazy dog. " * 40 + "\n\n") * 6 \
@@ -99,15 +99,7 @@ def output_hashes(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def parents(tmp_path_factory):
-    root = tmp_path_factory.mktemp("golden-parents")
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = deterministic_parent(family, root / family)
-        return built[family]
-
-    return get
+    return built_once(tmp_path_factory.mktemp("golden-parents"), deterministic_parent)
 
 
 @pytest.fixture(scope="module")

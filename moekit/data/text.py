@@ -56,7 +56,7 @@ def is_plain_text(path: str | Path) -> bool:
 
 def iter_texts(path: str | Path, reading: Reading = DOCUMENTS) -> Iterator[str]:
     """The texts of a file, lazily (a broken record fails when it is reached)."""
-    path = _existing(path)
+    path = existing_data_file(path)
     if path.suffix == ".parquet":
         return _parquet_texts(path, reading)
     if is_plain_text(path):
@@ -68,7 +68,7 @@ def read_texts(path: str | Path, reading: Reading = DOCUMENTS) -> list[str]:
     """Every text of a file, checked to the end; at least one that is not blank."""
     texts = list(iter_texts(path, reading))
     if not any(t.strip() for t in texts):
-        raise MoekitError(f"{_existing(path)}: no text in it")
+        raise MoekitError(f"{existing_data_file(path)}: no text in it")
     return texts
 
 
@@ -77,7 +77,8 @@ def calibration_texts(path: str | Path | None) -> list[str]:
     return read_texts(path) if path else builtin_calibration_text()
 
 
-def _existing(path: str | Path) -> Path:
+def existing_data_file(path: str | Path) -> Path:
+    """The path of a data file that is there, or the one-line error every text flag gives."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise MoekitError(f"{path}: no such data file")

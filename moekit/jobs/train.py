@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from moekit.errors import MoekitError
+from moekit.data.text import existing_data_file
 from moekit.options import TrainRunOptions
 from moekit.runtime.models import load_tokenizer
 from moekit.training import (check_run, checkpoint_folder, last_checkpoint, load_text_rows, read_manifest,
@@ -16,8 +16,8 @@ def run_train(opts: TrainRunOptions, on_log: Callable[[dict], None], announce: C
     Returns the summary (without "output" on a process of a multi-GPU run that writes nothing)."""
     # Everything that can be wrong with the options fails now, before minutes of loading.
     for path in (opts.data, opts.replay, opts.eval_data):
-        if path is not None and not path.is_file():
-            raise MoekitError(f"{path}: no such data file")
+        if path is not None:
+            existing_data_file(path)
     manifest = (None if opts.freeze == "none"
                 else read_manifest(opts.model if opts.freeze == "manifest" else opts.freeze))
     check_run(opts.model, opts.output, manifest, opts.overwrite)

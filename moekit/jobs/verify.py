@@ -68,10 +68,8 @@ def llamacpp_runner(gguf: Path):
     """A function of an ids batch [b, s] giving llama.cpp's logits [b, s, vocab] for `gguf`."""
     import numpy as np
 
-    from moekit.runtime.llamacpp import logits
-
     def run(ids: torch.Tensor):
-        return np.stack(logits(gguf, ids.tolist()))
+        return np.stack(llamacpp.logits(gguf, ids.tolist()))
 
     return run
 
