@@ -11,7 +11,8 @@ synchronisations in all, so the clock holds the GPU's work and nothing more):
   filter and the blocking copy of each batch), which `moekit train` tried on 2026-12-02 (slower: reverted);
 - moekit_dense: `moekit train --freeze none` on the dense model (fp32 master weights, bf16 autocast);
 - moekit_8x2: `moekit train --freeze none --aux-loss-coef 0.01` on the 8 × top-2 upcycle
-  (`moekit upcycle DENSE MOE -n 8 -k 2`), experts through grouped_mm in bf16;
+  (`moekit upcycle DENSE MOE -n 8 -k 2`), experts through moekit_grouped_mm in bf16;
+- moekit_8x2_transformers_experts: the same with transformers' grouped_mm experts function (cast to bf16);
 - moekit_dense_before / moekit_8x2_before: the same runs of the moekit at `--before` (another
   checkout's folder), in a child process: before and after side by side;
 - moekit_8x2_checkpointing: moekit_8x2 with `--gradient-checkpointing`;
@@ -212,6 +213,8 @@ def main() -> None:
         "dense_trainer_bf16_nosync": lambda: dense_trainer(dense, rows, bench, True, "dense_trainer_bf16_nosync"),
         "moekit_dense": lambda: moekit_run(dense, rows, bench, "moekit_dense"),
         "moekit_8x2": lambda: moekit_run(moe, rows, bench, "moekit_8x2", aux_loss_coef=0.01),
+        "moekit_8x2_transformers_experts": lambda: moekit_run(moe, rows, bench, "moekit_8x2_transformers_experts",
+                                                              aux_loss_coef=0.01, experts_implementation="grouped_mm"),
         "moekit_8x2_checkpointing": lambda: moekit_run(moe, rows, bench, "moekit_8x2_checkpointing",
                                                        aux_loss_coef=0.01, gradient_checkpointing=True),
     }

@@ -42,10 +42,11 @@ def test_add_experts_kmeans_on_cuda(tiny_models, tmp_path, calib):
                check=True)
 
 
-def test_fused_experts_run_in_bf16_under_autocast(tiny_models, monkeypatch):
+@pytest.mark.parametrize("implementation", ["moekit_grouped_mm", "grouped_mm"])
+def test_fused_experts_run_in_bf16_under_autocast(tiny_models, monkeypatch, implementation):
     """fp32 master weights, bf16 autocast: the grouped matmuls of the experts must get bf16 weights
     (transformers' grouped_mm is not autocast-enabled and would run them in fp32), and fp32 ones
-    without autocast; the gradient reaches the fp32 parameters."""
+    without autocast; the gradient reaches the fp32 parameters. moekit's function and transformers'."""
     from moekit.runtime.models import load_model
     from moekit.runtime.moe import moe_layers
     from moekit.training import use_experts_implementation
@@ -59,7 +60,7 @@ def test_fused_experts_run_in_bf16_under_autocast(tiny_models, monkeypatch):
                 return original(input, weight, *args, **kwargs)
             monkeypatch.setattr(owner, name, spy)
     model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cuda")
-    assert use_experts_implementation(model).startswith("grouped_mm")
+    assert use_experts_implementation(model, implementation).startswith(implementation)
     experts = moe_layers(model)[0].experts
     x = torch.randn(64, model.config.hidden_size, device="cuda")
     index = torch.randint(0, 4, (64, 2), device="cuda")
@@ -83,6 +84,6 @@ def test_train_on_cuda_with_checkpointing(tiny_models, tmp_path):
     opts = TrainOptions(steps=4, lr=3e-3, batch_size=4, seq_len=32, aux_loss_coef=0.01, gradient_checkpointing=True,
                         eval_share=0.1, eval_every=2, save_every=2, log_every=1)
     summary = train_model(tiny_models("qwen3_moe"), tmp_path / "out", rows, None, None, opts)
-    assert summary["experts"].startswith("grouped_mm") and summary["peak_memory_gib"] > 0
+    assert summary["experts"].startswith("moekit_grouped_mm") and summary["peak_memory_gib"] > 0
     assert summary["last_eval_loss"] < summary["first_eval_loss"]
     assert summary["devices"].endswith("cuda") and (tmp_path / "out.checkpoints" / "checkpoint-4").is_dir()

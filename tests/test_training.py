@@ -14,11 +14,12 @@ from moekit.arch.families import SIGMOID_BIASED
 from moekit.checkpoint import open_checkpoint
 from moekit.arch.compat import for_both_lines
 from moekit.metrics import switch_aux_loss
-from moekit.runtime.moe import RoutingCounter, find_moe_layers
+from moekit.runtime.moe import RoutingCounter, find_moe_layers, moe_layers
+from moekit.runtime.transformers_private import experts_functions, set_experts_implementation
 from moekit.arch.targets import TARGETS
 from moekit.training import kd_loss
 from tests.conftest import Run, run_moekit
-from tests.families import PER_ROUTING, UNGROUPED, first_moe_layer
+from tests.families import PER_ROUTING, READ, UNGROUPED, first_moe_layer
 from tests.test_upcycle import load
 from tests.tiny import build, with_char_tokenizer
 
@@ -304,7 +305,7 @@ def test_balance_loss_over_two_micro_batches_by_hand(tiny_models, tmp_path, bala
     from moekit.training import LifelongTrainer, collate
 
     model, _ = load_model(tiny_models("qwen3_moe"), torch.float32, "cpu")
-    counter = RoutingCounter(find_moe_layers(model))
+    counter = RoutingCounter(find_moe_layers(model), keep_logits=True)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=2)
     trainer = LifelongTrainer(model=model, args=args, train_dataset=[{"input_ids": [3] * 8}] * 2, data_collator=collate,
                               aux_loss_coef=1.0, balance=balance, routing=SOFTMAX_TOPK, counter=counter)
@@ -345,6 +346,41 @@ def test_switch_loss_selects_with_the_correction_bias(tiny_models):
     biased = switch_aux_loss(logits, 2, SIGMOID_BIASED, [gate.e_score_correction_bias])
     assert biased.item() == pytest.approx(balance_loss(logits, chosen, SIGMOID_BIASED).item(), rel=1e-6)
     assert abs(biased.item() - switch_aux_loss(logits, 2, SIGMOID_BIASED).item()) > 1e-3
+
+
+@pytest.mark.parametrize("family", READ)
+def test_moekit_experts_function_matches_transformers_eager(tiny_models, family):
+    """moekit_grouped_mm (sorted grouped matmuls) computes what transformers' own eager experts loop
+    computes, output and gradients, on fresh inputs in fp32 (CPU); a layout it does not take (GPT-OSS)
+    falls back to transformers' grouped_mm and says so."""
+    if experts_functions() is None:
+        pytest.skip("transformers 4.x has one module per expert: no experts function to choose")
+    from moekit.runtime.models import load_model
+    from moekit.training import use_experts_implementation
+
+    model, _ = load_model(tiny_models(family), torch.float32, "cpu")
+    used = use_experts_implementation(model)
+    experts = moe_layers(model)[0].experts
+    if family == "gpt_oss":
+        assert used.startswith("grouped_mm") and "in place of moekit_grouped_mm" in used
+        return
+    assert used.startswith("moekit_grouped_mm")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, model.config.hidden_size, generator=g, requires_grad=True)
+    n = experts.gate_up_proj.shape[0]
+    index = torch.stack([torch.randperm(n, generator=g)[:2] for _ in range(40)])  # K distinct experts per token
+    weights = torch.rand(40, 2, generator=g)
+
+    def run():
+        out = experts(x, index, weights)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(),
+                                    [x, experts.gate_up_proj, experts.down_proj])
+        return [out.detach(), *grads]
+
+    ours = run()
+    set_experts_implementation(model, "eager")
+    for a, b in zip(ours, run()):
+        assert ((a - b).norm() / b.norm()).item() <= 1e-5
 
 
 def test_gradient_checkpointing_counts_each_token_once(tiny_models):

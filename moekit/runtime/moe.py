@@ -90,15 +90,6 @@ def find_moe_layers(model) -> MoEModel:
 # --------------------------------------------------------------------------- reading router outputs
 
 
-def router_logits(outputs) -> tuple[torch.Tensor, ...]:
-    """The per-layer router logits of a forward pass made with `output_router_logits=True`."""
-    logits = getattr(outputs, "router_logits", None)
-    if not logits:  # e.g. Glm4Moe in transformers 4.57 has no such output
-        raise UsageError("this model's transformers class returns no router logits (output_router_logits), "
-                         "so the Switch aux loss cannot be computed for it")
-    return logits
-
-
 def logits_from_input(router: torch.nn.Module, args: tuple) -> torch.Tensor:
     """The router's logits recomputed from its input (one [T, H] × [H, N] product), for the 4.57
     routers that return only their choice."""
@@ -137,13 +128,17 @@ class RoutingCounter:
     `counts[layer]`: load since `reset` (fp64); `last[layer]`: the latest forward's load (fp32,
     exact below 2^24 slots). Off while `enabled` is False (held-out text is not a training load)
     and in gradient checkpointing's recomputation (counted once). With `on_route`, each forward's
-    logits (recomputed where the router does not return them) and choice go there too.
+    logits (recomputed where the router does not return them) and choice go there too. With
+    `keep_logits`, each layer's router logits, as the router returned them (in the autograd graph),
+    wait in `logits` for `take_logits`: the Switch and z-losses need them, and this costs nothing,
+    where transformers' `output_router_logits` also runs the model's own balance loss.
     """
 
-    def __init__(self, moe: MoEModel, on_route: OnRoute | None = None):
-        self.moe, self.on_route = moe, on_route
+    def __init__(self, moe: MoEModel, on_route: OnRoute | None = None, keep_logits: bool = False):
+        self.moe, self.on_route, self.keep_logits = moe, on_route, keep_logits
         self.counts: dict[int, torch.Tensor] = {}
         self.last: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor | None] = {}
         self.enabled = True
         self._handles = [layer.router.register_forward_hook(self._hook(layer)) for layer in moe.layers]
 
@@ -158,6 +153,8 @@ class RoutingCounter:
             if not self.enabled or _in_backward():
                 return
             logits, chosen = router_output(output)
+            if self.keep_logits:
+                self.logits[layer.index] = logits
             if logits is None and self.on_route:
                 logits = logits_from_input(router, args)
             self.count(layer.index, logits, chosen)
@@ -184,6 +181,15 @@ class RoutingCounter:
 
     def reset(self) -> None:
         self.counts.clear()
+
+    def take_logits(self) -> list[torch.Tensor]:
+        """The kept router logits of the latest forward, one [tokens, N] tensor per MoE layer in
+        layer order, and forget them (`keep_logits`)."""
+        logits, self.logits = self.logits, {}
+        if len(logits) != len(self.moe.layers) or any(v is None for v in logits.values()):
+            raise UsageError("this model's transformers class does not return its router logits, so the Switch "
+                             "and z-losses cannot be computed for it (transformers 5.x routers return them)")
+        return [logits[layer.index] for layer in self.moe.layers]
 
     def totals(self) -> dict[int, torch.Tensor]:
         """Counts since the last reset per layer ({} before any), summed over all processes when

@@ -98,3 +98,18 @@ def rename_experts_implementation(model, old: str, new: str) -> None:
     for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
         if experts_implementation(config) == old:
             config._experts_implementation = new
+
+
+def plain_fused_experts(experts) -> bool:
+    """Whether a 5.x fused experts module has the plain SwiGLU layout: `gate_up_proj` [N, 2I, H]
+    with the gate rows first, `down_proj` [N, H, I], no biases, no post-expert norm and the default
+    gate `act_fn(gate) * up` (not GPT-OSS's). Checked on 5.24 (the flags that
+    `integrations.moe.use_experts_implementation` sets on the class)."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # 4.x, or a 5.x that moved it: transformers' own functions run instead
+        return False
+    return (isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) and getattr(experts, "has_gate", False)
+            and not getattr(experts, "has_bias", True) and not getattr(experts, "is_transposed", True)
+            and getattr(experts, "is_concatenated", True) and not getattr(experts, "has_post_expert_norm", False)
+            and getattr(type(experts), "_apply_gate", None) is _default_apply_gate)

@@ -18,7 +18,7 @@ from moekit.arch.families import MOE_CONFIG, SOFTMAX_RENORM, Routing
 from moekit.errors import MoekitError, UsageError
 from moekit.metrics import balance_loss, z_loss
 from moekit.options import TrainOptions
-from moekit.runtime.moe import RoutingCounter, find_moe_layers, moe_layers, router_logits
+from moekit.runtime.moe import RoutingCounter, find_moe_layers, moe_layers
 from moekit.runtime.transformers_private import set_loss_is_batch_mean, to_disk_names
 from moekit.training.callbacks import EvalCallback, FreezeCallback, LogTo, LossFreeBalanceCallback, RoutingStatsCallback
 from moekit.training.data import hold_out, mix_rows
@@ -127,7 +127,7 @@ class LifelongTrainer(Trainer):
         routed = bool(self.aux_loss_coef or self.z_loss_coef)
         before = {k: v.clone() for k, v in self.counter.counts.items()} if (
             self.aux_loss_coef and self.balance == "micro") else None
-        out = model(input_ids=ids, use_cache=False, **({"output_router_logits": True} if routed else {}))
+        out = model(input_ids=ids, use_cache=False)  # the counter keeps the router logits (keep_logits)
         replay = inputs["replay"]
         # Replay rows that are distilled from the old model are not also LM-trained: the teacher's
         # distribution is the better target for the old domain, and LM on them would teach the
@@ -145,7 +145,7 @@ class LifelongTrainer(Trainer):
                 terms["kd_loss"] = out.logits.sum() * 0.0
             loss = loss + self.kd_weight * terms["kd_loss"]
         if routed:
-            logits = router_logits(out)
+            logits = self.counter.take_logits()
             if self.aux_loss_coef:
                 counts = self._balance_counts(before, len(logits))
                 terms["aux_loss"] = balance_loss(logits, counts, self.routing)
@@ -245,10 +245,15 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     if opts.kd_weight:
         teacher, _ = load_model(ckpt.path, _weights_dtype(ckpt), args.device)
         teacher.requires_grad_(False)
-    if opts.aux_loss_coef or opts.z_loss_coef:  # a model without router logits fails now, not at the first step
+    routed = bool(opts.aux_loss_coef or opts.z_loss_coef)
+    counter = RoutingCounter(find_moe_layers(model), keep_logits=routed) if moe_layers(model) else None  # dense trains too
+    if routed and counter is None:
+        raise UsageError("--aux-loss-coef and --z-loss-coef need an MoE model; this one is dense")
+    if routed:  # a model whose routers return no logits fails now, not at the first step
         with torch.no_grad():
-            router_logits(model(input_ids=torch.tensor([new[0][:2]], device=args.device), output_router_logits=True))
-    counter = RoutingCounter(find_moe_layers(model)) if moe_layers(model) else None  # a dense model trains too
+            model(input_ids=torch.tensor([new[0][:2]], device=args.device), use_cache=False)
+        counter.take_logits()
+        counter.reset()
     callbacks = [FreezeCallback(freeze.frozen), *callbacks]
     stats = RoutingStatsCallback(counter) if counter else None
     if stats:
