@@ -18,6 +18,8 @@ synchronisations in all, so the clock holds the GPU's work and nothing more):
 - moekit_8x2_checkpointing: moekit_8x2 with `--gradient-checkpointing`;
 - moekit_8x2_two_at_once: two moekit_8x2 processes on the GPU at once (throughput gain over one).
 
+Each run has a fresh process of its own, one after another.
+
 With `--profile DIR`, the `--profile-steps` steps after the timed ones run under torch.profiler
 and CUDA's sync debug mode: DIR/NAME.txt gets the GPU-busy share of the wall time, the kernels
 and operators by time, and every host synchronisation by source line.
@@ -195,6 +197,7 @@ def main() -> None:
     ap.add_argument("--before", type=Path, help="a folder holding the moekit package to compare with (*_before runs)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "train-speed")
     ap.add_argument("--runs", default="dense_trainer_bf16,dense_trainer_bf16_nosync,moekit_dense,moekit_8x2")
+    ap.add_argument("--in-process", action="store_true", help="run --runs in this process (each run is a child's)")
     args = ap.parse_args()
     extra = args.profile_steps if args.profile else 0
     bench = Bench(args.steps + extra, args.timed_from, args.steps, args.lr, args.log_every, args.profile)
@@ -228,21 +231,27 @@ def main() -> None:
     def child(run: str, out: Path, env: dict | None = None) -> subprocess.Popen:
         """This script in another process, for one run (of another moekit with `env`)."""
         flags = ["--steps", str(args.steps), "--timed-from", str(args.timed_from), "--lr", str(args.lr),
-                 "--log-every", str(args.log_every), "--work", str(args.work), "--runs", run]
-        if args.profile and env:
-            flags += ["--profile", str(args.profile / "before"), "--profile-steps", str(args.profile_steps)]
+                 "--log-every", str(args.log_every), "--work", str(args.work), "--runs", run, "--in-process"]
+        if args.profile:
+            flags += ["--profile", str(args.profile / "before" if env else args.profile),
+                      "--profile-steps", str(args.profile_steps)]
         return subprocess.Popen([sys.executable, __file__, str(args.skeleton), str(args.rows), str(out), *flags],
                                 stdout=subprocess.DEVNULL, env=env)
+
+    def in_child(run: str, env: dict | None = None, tag: str = "") -> dict:
+        """`run` alone in a fresh process: a run after another in the same process (after its
+        profiler above all) timed up to 20% slower on the CPU side at equal GPU work."""
+        out = args.work / f"{run}{tag}.json"
+        if child(run, out, env).wait():
+            raise RuntimeError("the run failed")
+        return json.loads(out.read_text())["runs"][run]
 
     def before(run: str) -> dict:
         """`run` with the moekit package of --before, in a child process."""
         if not args.before:
             raise RuntimeError("--before FOLDER is needed for the *_before runs")
-        out = args.work / f"before-{run}.json"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(args.before), os.environ.get("PYTHONPATH", "")])}
-        if child(run, out, env).wait():
-            raise RuntimeError("the run failed")
-        return {**json.loads(out.read_text())["runs"][run], "moekit": str(args.before)}
+        return {**in_child(run, env, "-before"), "moekit": str(args.before)}
 
     def two_at_once() -> dict:
         """moekit_8x2 in two processes at once on the same GPU: does a second run fill what one leaves idle?"""
@@ -253,11 +262,16 @@ def main() -> None:
         one = results["runs"]["moekit_8x2"]["ms_per_step"]
         return {"ms_per_step_each": ms, "throughput_gain": 2 * one / (sum(ms) / 2)}
 
-    runs["moekit_8x2_two_at_once"] = two_at_once
-    runs.update({f"{run}_before": lambda run=run: before(run) for run in ("moekit_dense", "moekit_8x2")})
+    def measure(name: str) -> dict:
+        if args.in_process:
+            return runs[name]()
+        if name.endswith("_before"):
+            return before(name.removesuffix("_before"))
+        return two_at_once() if name == "moekit_8x2_two_at_once" else in_child(name)
+
     for name in filter(None, args.runs.split(",")):
         try:
-            results["runs"][name] = runs[name]()
+            results["runs"][name] = measure(name)
         except Exception as e:  # one run failing must not cost the others their GPU time
             results["runs"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         r = results["runs"][name]
