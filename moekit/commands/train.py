@@ -10,7 +10,7 @@ def train_command(opts: TrainRunOptions) -> None:
     model (`--freeze none`), or only the new experts of a grown one (`--freeze manifest`).
 
     Built on the transformers Trainer: fp32 master weights, bf16 autocast on the GPU with the
-    fused experts' matmuls in bf16 (grouped_mm), warm-up + constant/cosine/WSD schedule with a
+    fused experts' matmuls in bf16 (moekit_grouped_mm), warm-up + constant/cosine/WSD schedule with a
     floor, gradient clipping, held-out evaluation, checkpoints and `--resume`, the loss curve
     written beside the model (training_curve.json / .png). With `--freeze manifest`, frozen
     tensors get no gradient and frozen slices (old experts inside fused expert tensors, old router
