@@ -420,6 +420,15 @@ def test_option_errors_are_one_line(grown, text, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_balance_losses_on_a_dense_model_are_refused(tiny_models, text, tmp_path):
+    src = with_char_tokenizer(tiny_models("llama"), tmp_path / "src")
+    r = train(src, tmp_path / "o", "--data", text, "--freeze", "none", "--z-loss-coef", "0.001", *FAST)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]  # after the data's progress line
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1 and "need an MoE model" in errors[0] and r.stderr.strip().endswith(errors[0])
+    assert not (tmp_path / "o").exists()
+
+
 def test_two_process_ddp_run_and_resume(grown, text, tmp_path):
     """Under torchrun / accelerate launch (two CPU processes, gloo): routing counts, the global
     balance loss and the held-out loss are all-reduced; resuming from the step-2 checkpoint gives
