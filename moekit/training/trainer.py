@@ -332,7 +332,8 @@ def plot_curve(curve: dict, title: str = "") -> bytes:
     ax.set_ylabel("next-token cross-entropy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:  # a run with no log yet (0 steps logged) has nothing to label
+        ax.legend()
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
