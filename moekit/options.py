@@ -325,8 +325,9 @@ class TrainOptions(Options):
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: less memory, about a "
                                           "third more compute.")
     experts_implementation: str = option("moekit_grouped_mm", "transformers 5.x fused experts: moekit_grouped_mm "
-                                         "(moekit's own, the least GPU time), or transformers' grouped_mm, batched_mm or eager; "
-                                         "bf16 under autocast either way. 4.x loops over expert modules.")
+                                         "(moekit's own, the least GPU time), or transformers' grouped_mm, "
+                                         "batched_mm or eager; bf16 under autocast either way. 4.x loops over "
+                                         "expert modules.")
     seed: int = option(0, "Seed of data order and replay sampling.")
     log_every: int = option(10, "Log losses, MaxVio and drop rates every N steps.", ge=1)
     device: str = option("auto", "auto (GPU(s) when present; every GPU under `accelerate launch`) or cpu.")

@@ -246,7 +246,8 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
         teacher, _ = load_model(ckpt.path, _weights_dtype(ckpt), args.device)
         teacher.requires_grad_(False)
     routed = bool(opts.aux_loss_coef or opts.z_loss_coef)
-    counter = RoutingCounter(find_moe_layers(model), keep_logits=routed) if moe_layers(model) else None  # dense trains too
+    moe = find_moe_layers(model) if moe_layers(model) else None  # a dense model trains too
+    counter = RoutingCounter(moe, keep_logits=routed) if moe else None
     if routed and counter is None:
         raise UsageError("--aux-loss-coef and --z-loss-coef need an MoE model; this one is dense")
     if routed:  # a model whose routers return no logits fails now, not at the first step
