@@ -16,11 +16,6 @@ LOW_PRECISION_SUFFIX = "_autocast"
 SORTED = "moekit_grouped_mm"  # moekit's own experts function, the default for training
 
 
-def _low_precision(weights: torch.Tensor, device: str) -> torch.dtype:
-    """The dtype the expert matmuls run in: autocast's while it is on, else the weights' own."""
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weights.dtype
-
-
 def sorted_grouped_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
     """The plain SwiGLU experts (`plain_fused_experts`) for training: the T·K (token, expert) slots
@@ -35,7 +30,8 @@ def sorted_grouped_experts(self, hidden_states: torch.Tensor, top_k_index: torch
     parallelism's "no expert" slots (moekit trains data-parallel; 5.17 masks every call). With
     K = 2 the scatter-adds are deterministic too: two addends into zero commute exactly."""
     n, k = self.num_experts, top_k_index.shape[-1]
-    dtype = _low_precision(self.gate_up_proj, hidden_states.device.type)
+    device = hidden_states.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.gate_up_proj.dtype
     expert = top_k_index.reshape(-1)
     order = torch.argsort(expert)
     token = order // k  # slot s of the flat [T·K] list belongs to token s // K
@@ -74,7 +70,7 @@ def _autocast_experts(forward: Callable) -> Callable:
     def run(self, hidden_states, *args, **kwargs):
         device = hidden_states.device.type
         if torch.is_autocast_enabled(device):
-            self = _CastExperts(self, _low_precision(self.gate_up_proj, device))
+            self = _CastExperts(self, torch.get_autocast_dtype(device))
         return forward(self, hidden_states, *args, **kwargs)
 
     return run
