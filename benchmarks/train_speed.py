@@ -8,11 +8,12 @@ synchronisations in all, so the clock holds the GPU's work and nothing more):
 
 - dense_trainer_bf16: transformers `Trainer`, the dense model in bf16 weights, fused AdamW: the yardstick;
 - dense_trainer_bf16_nosync: the same without the Trainer's two host synchronisations per step (its NaN
-  filter and the blocking copy of each batch), which `moekit train` tried on 2026-12-02 (slower: reverted);
-- moekit_dense: `moekit train --freeze none` on the dense model (fp32 master weights, bf16 autocast);
+  filter and the blocking copy of each batch), as `moekit train` runs it;
+- moekit_dense: `moekit train --freeze none` on the dense model (bf16 weights, fp32 master copies);
 - moekit_8x2: `moekit train --freeze none --aux-loss-coef 0.01` on the 8 × top-2 upcycle
-  (`moekit upcycle DENSE MOE -n 8 -k 2`), experts through moekit_grouped_mm in bf16;
-- moekit_8x2_transformers_experts: the same with transformers' grouped_mm experts function (cast to bf16);
+  (`moekit upcycle DENSE MOE -n 8 -k 2`), experts through moekit_grouped_mm, bf16 weights, fp32 masters;
+- moekit_8x2_fp32: the same with `--weights fp32` (fp32 weights under bf16 autocast, the default until 2026-12-02);
+- moekit_8x2_transformers_experts: the same with transformers' grouped_mm experts function;
 - moekit_dense_before / moekit_8x2_before: the same runs of the moekit at `--before` (another
   checkout's folder), in a child process: before and after side by side;
 - moekit_8x2_checkpointing: moekit_8x2 with `--gradient-checkpointing`;
@@ -166,7 +167,7 @@ def moekit_run(folder: Path, rows: torch.Tensor, bench, name: str = "", **option
     torch.cuda.empty_cache()
     return {"ms_per_step": timer.ms_per_step, "peak_gib": summary["peak_memory_gib"], "losses": losses,
             "first_loss": losses[0], "last_loss": losses[-1], "experts": summary["experts"],
-            "weights": "fp32 master, bf16 autocast", "options": options}
+            "weights": summary.get("weights", "fp32, bf16 autocast"), "options": options}  # --before: no key
 
 
 @dataclass
@@ -216,6 +217,7 @@ def main() -> None:
         "dense_trainer_bf16_nosync": lambda: dense_trainer(dense, rows, bench, True, "dense_trainer_bf16_nosync"),
         "moekit_dense": lambda: moekit_run(dense, rows, bench, "moekit_dense"),
         "moekit_8x2": lambda: moekit_run(moe, rows, bench, "moekit_8x2", aux_loss_coef=0.01),
+        "moekit_8x2_fp32": lambda: moekit_run(moe, rows, bench, "moekit_8x2_fp32", aux_loss_coef=0.01, weights="fp32"),
         "moekit_8x2_transformers_experts": lambda: moekit_run(moe, rows, bench, "moekit_8x2_transformers_experts",
                                                               aux_loss_coef=0.01, experts_implementation="grouped_mm"),
         "moekit_8x2_checkpointing": lambda: moekit_run(moe, rows, bench, "moekit_8x2_checkpointing",

@@ -324,6 +324,9 @@ class TrainOptions(Options):
     save_every: int = option(0, "Checkpoint every N steps (into --checkpoint-dir); 0: none.", ge=0)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: less memory, about a "
                                           "third more compute.")
+    weights: Literal["auto", "bf16", "fp32"] = option(
+        "auto", "Weights the forward and backward read: bf16 (fp32 master copies in the optimiser), fp32 (bf16 "
+        "autocast on the GPU), or auto: bf16 on a bf16 GPU when every weight trains (no freeze manifest), else fp32.")
     experts_implementation: str = option("moekit_grouped_mm", "transformers 5.x fused experts: moekit_grouped_mm "
                                          "(moekit's own, the least GPU time), or transformers' grouped_mm, "
                                          "batched_mm or eager; bf16 under autocast either way. 4.x loops over "

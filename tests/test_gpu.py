@@ -77,13 +77,15 @@ def test_fused_experts_run_in_bf16_under_autocast(tiny_models, monkeypatch, impl
     assert 1e-5 < rel < 3e-2  # bf16's rounding, not a different function
 
 
-def test_train_on_cuda_with_checkpointing(tiny_models, tmp_path):
+@pytest.mark.parametrize("weights,expected", [("auto", "bf16"), ("fp32", "fp32")])
+def test_train_on_cuda_with_checkpointing(tiny_models, tmp_path, weights, expected):
     from moekit.training import TrainOptions, train_model
 
     rows = [[3 + (i + j) % 50 for j in range(32)] for i in range(64)]  # a pattern the model can learn in 4 steps
     opts = TrainOptions(steps=4, lr=3e-3, batch_size=4, seq_len=32, aux_loss_coef=0.01, gradient_checkpointing=True,
-                        eval_share=0.1, eval_every=2, save_every=2, log_every=1)
+                        eval_share=0.1, eval_every=2, save_every=2, log_every=1, weights=weights)
     summary = train_model(tiny_models("qwen3_moe"), tmp_path / "out", rows, None, None, opts)
     assert summary["experts"].startswith("moekit_grouped_mm") and summary["peak_memory_gib"] > 0
+    assert summary["weights"].startswith(expected)
     assert summary["last_eval_loss"] < summary["first_eval_loss"]
     assert summary["devices"].endswith("cuda") and (tmp_path / "out.checkpoints" / "checkpoint-4").is_dir()

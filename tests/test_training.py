@@ -236,7 +236,8 @@ CPT = dict(steps=6, lr=1e-2, lr_schedule="cosine", warmup_steps=2, batch_size=2,
 
 
 @pytest.mark.parametrize("family,extra", [("qwen3_moe", {"aux_loss_coef": 0.01, "z_loss_coef": 1e-3}),
-                                          ("glm4_moe", {"bias_update": "adaptive"})])
+                                          ("glm4_moe", {"bias_update": "adaptive"}),
+                                          ("qwen3_moe", {"aux_loss_coef": 0.01, "weights": "bf16"})])
 def test_stopped_and_resumed_equals_uninterrupted(tiny_models, tmp_path, family, extra):
     """Trainer's own resume drops renamed (fused) expert tensors (transformers issue 48805): stop
     after the step-3 checkpoint, resume, and the weights must equal a run that never stopped."""
@@ -427,6 +428,56 @@ def test_balance_losses_on_a_dense_model_are_refused(tiny_models, text, tmp_path
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(errors) == 1 and "need an MoE model" in errors[0] and r.stderr.strip().endswith(errors[0])
     assert not (tmp_path / "o").exists()
+
+
+def test_bf16_weights_with_a_freeze_manifest_are_refused(grown, text, tmp_path):
+    r = train(grown("qwen3_moe"), tmp_path / "o", "--data", text, "--weights", "bf16", *FAST)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1 and "--weights fp32" in errors[0] and not (tmp_path / "o").exists()
+
+
+def test_master_weights_step_in_fp32():
+    """One AdamW step of lr 1e-4 moves every weight by lr·sign(grad): below half of bf16's spacing
+    at |w| ~ 0.5 (2^-8), so the bf16 weights do not move, but the masters move by exactly that."""
+    from moekit.training.precision import MasterWeights
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        model.weight.copy_((0.5 + 0.01 * torch.randn(64, 64)).bfloat16())  # values bf16 holds exactly
+    start = model.weight.detach().clone()
+    masters = MasterWeights(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    masters.attach(optimizer)
+    assert model.weight.dtype == torch.bfloat16 and optimizer.param_groups[0]["params"][0].dtype == torch.float32
+    model(torch.randn(8, 64, dtype=torch.bfloat16)).square().sum().backward()
+    optimizer.step()
+    master = optimizer.param_groups[0]["params"][0]
+    grad = model.weight.grad.float()
+    assert torch.allclose(start - master, 1e-4 * grad.sign(), atol=1e-7)
+    assert torch.equal(model.weight, master.bfloat16())  # the bf16 weights are the masters rounded
+    assert torch.equal(model.weight.float(), start)  # where a bf16 AdamW would have lost the step
+    with masters.full_precision():
+        assert torch.equal(model.weight, master)
+    masters.restore()
+    assert model.weight.dtype == torch.float32 and torch.equal(model.weight, master)
+
+
+def test_bf16_weights_train_and_write_fp32(tiny_models, tmp_path):
+    """`--weights bf16` (on CPU here: bf16 throughout, no autocast): the loss falls and the output
+    holds the fp32 masters, not their bf16 rounding."""
+    from moekit.training import TrainOptions, train_model
+
+    src = tiny_models("qwen3_moe")
+    opts = TrainOptions(**{**CPT, "eval_share": 0.0, "weights": "bf16"})
+    summary = train_model(src, tmp_path / "out", [list(range(3, 19))] * 48, None, None, opts)  # learnable
+    assert summary["weights"].startswith("bf16") and summary["last_loss"] < summary["first_loss"]
+    a, b = open_checkpoint(src), open_checkpoint(tmp_path / "out")
+    trained = {n: b.load(n) for n in b.tensors if b.load(n).is_floating_point()}
+    assert all(t.dtype == a.tensors[n].dtype == torch.float32 for n, t in trained.items())
+    off_bf16 = [n for n, t in trained.items() if not torch.equal(t, t.bfloat16().float())]
+    assert len(off_bf16) > len(trained) // 2
 
 
 def test_two_process_ddp_run_and_resume(grown, text, tmp_path):

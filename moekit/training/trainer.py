@@ -25,8 +25,10 @@ from moekit.training.data import hold_out, mix_rows
 from moekit.training.experts import enable_checkpointing, use_experts_implementation
 from moekit.training.losses import kd_loss, next_token_loss
 from moekit.training.manifest import apply_freeze, check_run
+from moekit.training.precision import MasterWeights, full_precision, resolve_weights
 
 
+WEIGHTS = {"bf16": "bf16, fp32 master copies in the optimiser", "fp32": "fp32, bf16 autocast on the GPU"}
 SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_lr", "wsd": "warmup_stable_decay"}
 BALANCE_MODES = ("global", "micro")
 
@@ -57,7 +59,10 @@ def _training_args(opts: TrainOptions, folder: str, cuda: bool) -> TrainingArgum
         save_strategy="steps" if opts.save_every else "no", save_steps=opts.save_every or 500, save_total_limit=2,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, seed=opts.seed, data_seed=opts.seed,
-        disable_tqdm=True, dataloader_drop_last=True)
+        disable_tqdm=True, dataloader_drop_last=True,
+        # No host synchronisation per micro-batch: Trainer's NaN filter (which would also hide a
+        # diverged step from the log) reads every loss, and a blocking copy sends every batch.
+        logging_nan_inf_filter=False, accelerator_config={"non_blocking": True})
 
 
 def checkpoint_folder(output: str | Path, given: str | Path | None = None) -> Path:
@@ -105,11 +110,12 @@ class LifelongTrainer(Trainer):
 
     def __init__(self, *args, teacher=None, kd_weight: float = 0.0, kd_on_replay: bool = False,
                  aux_loss_coef: float = 0.0, balance: str = "global", z_loss_coef: float = 0.0,
-                 routing: Routing = SOFTMAX_RENORM, counter: RoutingCounter | None = None, **kwargs):
+                 routing: Routing = SOFTMAX_RENORM, counter: RoutingCounter | None = None,
+                 masters: MasterWeights | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher, self.kd_weight, self.kd_on_replay = teacher, kd_weight, kd_on_replay
         self.aux_loss_coef, self.balance, self.z_loss_coef = aux_loss_coef, balance, z_loss_coef
-        self.routing, self.counter = routing, counter
+        self.routing, self.counter, self.masters = routing, counter, masters
         set_loss_is_batch_mean(self)
         self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)
 
@@ -166,12 +172,19 @@ class LifelongTrainer(Trainer):
                     logs.update(cb.log_metrics())
         super().log(logs, *args, **kwargs)
 
-    # Checkpoints hold the runtime state dict as it is. Trainer's own goes through save_pretrained,
-    # which writes on-disk names (5.x un-fuses the experts), and its resume loads that back with a
-    # non-strict load_state_dict, which skips every renamed tensor: an MoE would resume with its
-    # experts as they were at the start (transformers issue 48805). Loaded strictly here. `_save` and
-    # `_load_from_checkpoint` are Trainer's private hooks (overridden, so not wrapped in
-    # runtime.transformers_private): checked on 5.24 and 4.57.6.
+    def create_optimizer(self, *args, **kwargs):
+        """Trainer's optimiser (its decay groups, its AdamW), stepping the fp32 masters of bf16 weights."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.masters:
+            self.masters.attach(optimizer)
+        return optimizer
+
+    # Checkpoints hold the runtime state dict as it is, in fp32 (the masters of bf16 weights).
+    # Trainer's own goes through save_pretrained, which writes on-disk names (5.x un-fuses the
+    # experts), and its resume loads that back with a non-strict load_state_dict, which skips every
+    # renamed tensor: an MoE would resume with its experts as they were at the start (transformers
+    # issue 48805). Loaded strictly here. `_save` and `_load_from_checkpoint` are Trainer's private
+    # hooks (overridden, so not wrapped in runtime.transformers_private): checked on 5.24 and 4.57.6.
 
     def _stateful(self) -> dict:
         return {type(cb).__name__: cb for cb in self.callback_handler.callbacks if hasattr(cb, "state_dict")}
@@ -183,7 +196,8 @@ class LifelongTrainer(Trainer):
             return
         folder = Path(output_dir or self.args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(self.accelerator.unwrap_model(self.model), str(folder / "model.safetensors"))
+        with full_precision(self.masters):
+            save_model(self.accelerator.unwrap_model(self.model), str(folder / "model.safetensors"))
         torch.save({name: cb.state_dict() for name, cb in self._stateful().items()}, folder / CHECKPOINT_STATE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -191,7 +205,9 @@ class LifelongTrainer(Trainer):
 
         folder = Path(resume_from_checkpoint)
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        load_model(target, str(folder / "model.safetensors"), strict=True, device=str(next(target.parameters()).device))
+        with full_precision(self.masters):
+            load_model(target, str(folder / "model.safetensors"), strict=True,
+                       device=str(next(target.parameters()).device))
         states = torch.load(folder / CHECKPOINT_STATE, weights_only=True)
         for name, cb in self._stateful().items():
             if name in states:
@@ -205,8 +221,9 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
                 callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train the model folder `source` on token rows and write it to `output`.
 
-    Weights train in fp32 under bf16 autocast on GPUs that have it, fused experts included (their
-    weights are cast for the forward, `use_experts_implementation`), and are written back in the
+    Weights (`opts.weights`, `resolve_weights`) train in bf16 with fp32 master copies in the
+    optimiser (`MasterWeights`), or in fp32 under bf16 autocast on GPUs that have it, fused experts
+    included (`use_experts_implementation`); they are written back from fp32 in the
     source's own tensor names, shapes and dtypes (per-expert Hub format, loadable by transformers
     4.57 and 5.x), with the source's config.json and side files unchanged, plus the loss curve
     (training_curve.json / .png). With `save_every`, checkpoints go to `checkpoints`
@@ -255,6 +272,8 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
             model(input_ids=torch.tensor([new[0][:2]], device=args.device), use_cache=False)
         counter.take_logits()
         counter.reset()
+    weights = resolve_weights(opts.weights, cuda, frozen=manifest is not None)
+    masters = MasterWeights(model) if weights == "bf16" else None
     callbacks = [FreezeCallback(freeze.frozen), *callbacks]
     stats = RoutingStatsCallback(counter) if counter else None
     if stats:
@@ -264,8 +283,8 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     if balance and balance.biases:
         callbacks.append(balance)
     tokens_per_step = opts.batch_size * opts.grad_accum * opts.seq_len * args.world_size
-    evaluation = EvalCallback(eval_rows, opts.eval_every, opts.batch_size, tokens_per_step, counter,
-                              on_log) if eval_rows else None
+    evaluation = EvalCallback(eval_rows, opts.eval_every, opts.batch_size, tokens_per_step, counter, on_log,
+                              partial(full_precision, masters)) if eval_rows else None
     if evaluation:
         callbacks.append(evaluation)
     if on_log:
@@ -277,7 +296,7 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
         model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=callbacks,
         teacher=teacher, kd_weight=opts.kd_weight, kd_on_replay=bool(replay), aux_loss_coef=opts.aux_loss_coef,
         balance=opts.balance, z_loss_coef=opts.z_loss_coef, routing=fields.routing if fields else SOFTMAX_RENORM,
-        counter=counter)
+        counter=counter, masters=masters)
     for cb in (PrinterCallback, ProgressCallback):  # reporting is the caller's (on_log)
         trainer.remove_callback(cb)
     if cuda:
@@ -285,6 +304,8 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     result = trainer.train(resume_from_checkpoint=last)
     if counter:
         counter.remove()
+    if masters:
+        masters.restore()  # the output is written from the fp32 masters
     logs = [h for h in trainer.state.log_history if "loss" in h]
     evals = evaluation.history if evaluation else []
     summary = {
@@ -296,8 +317,8 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
         "first_eval_loss": evals[0]["eval_loss"] if evals else None,
         "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "last_maxvio_batch": stats.last.get("maxvio_batch") if stats else None,
-        "experts": experts, "lr_schedule": opts.lr_schedule, "balance": opts.balance if opts.aux_loss_coef else None,
-        "gradient_checkpointing": opts.gradient_checkpointing,
+        "experts": experts, "weights": WEIGHTS[weights], "lr_schedule": opts.lr_schedule,
+        "balance": opts.balance if opts.aux_loss_coef else None, "gradient_checkpointing": opts.gradient_checkpointing,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(args.device) / 2**30, 2) if cuda else None,
         "resumed_from": last, "devices": f"{args.world_size} x {args.device.type}"}
     if trainer.is_world_process_zero():
