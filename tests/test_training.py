@@ -266,6 +266,19 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_models, tmp_path, family,
     assert [e["step"] for e in curve_a["eval"]] == [0, 2, 4, 6] and curve_a["eval"] == curve_b["eval"]
 
 
+def test_resume_with_other_weights_is_refused(tiny_models, tmp_path):
+    from moekit.errors import UsageError
+    from moekit.training import TrainOptions, train_model
+
+    src, rows = tiny_models("qwen3_moe"), random_rows(48)
+    opts = TrainOptions(**{**CPT, "steps": 3, "save_every": 3, "weights": "bf16"})
+    train_model(src, tmp_path / "out", rows, None, None, opts)
+    with pytest.raises(UsageError, match="written with --weights bf16; resume with --weights bf16, not fp32"):
+        train_model(src, tmp_path / "again", rows, None, None, opts.model_copy(update={"weights": "fp32"}),
+                    checkpoints=tmp_path / "out.checkpoints", resume=True)
+    assert not (tmp_path / "again").exists()
+
+
 def test_trainer_resume_alone_loses_fused_experts(tiny_models, tmp_path):
     """Why moekit saves its own checkpoints: save_pretrained + Trainer's non-strict load drop tensors."""
     import transformers
@@ -458,8 +471,9 @@ def test_master_weights_step_in_fp32():
     assert torch.allclose(start - master, 1e-4 * grad.sign(), atol=1e-7)
     assert torch.equal(model.weight, master.bfloat16())  # the bf16 weights are the masters rounded
     assert torch.equal(model.weight.float(), start)  # where a bf16 AdamW would have lost the step
-    with masters.full_precision():
-        assert torch.equal(model.weight, master)
+    assert list(masters.state_dict()) == ["weight"] and masters.state_dict()["weight"] is master
+    masters.load_state_dict({"weight": start + 1})  # as a resume does: the masters, then the weights
+    assert torch.equal(master, start + 1) and torch.equal(model.weight.float(), (start + 1).bfloat16().float())
     masters.restore()
     assert model.weight.dtype == torch.float32 and torch.equal(model.weight, master)
 
@@ -480,10 +494,11 @@ def test_bf16_weights_train_and_write_fp32(tiny_models, tmp_path):
     assert len(off_bf16) > len(trained) // 2
 
 
-def test_two_process_ddp_run_and_resume(grown, text, tmp_path):
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_two_process_ddp_run_and_resume(grown, text, tmp_path, weights):
     """Under torchrun / accelerate launch (two CPU processes, gloo): routing counts, the global
     balance loss and the held-out loss are all-reduced; resuming from the step-2 checkpoint gives
-    the weights of the run that went on."""
+    the weights of the run that went on, with fp32 weights and with bf16 ones (fp32 masters)."""
     import shutil
     import subprocess
     import sys
@@ -495,13 +510,14 @@ def test_two_process_ddp_run_and_resume(grown, text, tmp_path):
                "train", str(src), str(out), "--freeze", "none", "--data", str(text), "--steps", "4", "--batch-size", "2",
                "--grad-accum", "2", "--seq-len", "32", "--aux-loss-coef", "0.01", "--eval-share", "0.1",
                "--eval-every", "2", "--save-every", "2", "--checkpoint-dir", str(tmp_path / "ckpt"), "--device", "cpu",
-               "--json", *extra]
+               "--weights", weights, "--json", *extra]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
     r = ddp(tmp_path / "whole")
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout)
     assert summary["devices"] == "2 x cpu" and summary["tokens"] == 4 * 2 * 2 * 32 * 2
+    assert summary["weights"].startswith(weights)
     shutil.rmtree(tmp_path / "ckpt" / "checkpoint-4")
     import transformers
 

@@ -3,8 +3,7 @@ held-out loss, logs passed on."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable, ContextManager
+from typing import Callable
 
 import torch
 from transformers import TrainerCallback
@@ -103,15 +102,13 @@ class LossFreeBalanceCallback(TrainerCallback):
 
 class EvalCallback(TrainerCallback):
     """Held-out loss before the first step, every `every` steps and after the last: mean next-token
-    cross-entropy over `rows`, each process taking its share, with the weights `full_precision`
-    gives (the fp32 masters of bf16 weights). Routing counts are paused meanwhile.
+    cross-entropy over `rows`, each process taking its share. Routing counts are paused meanwhile.
     `history` holds {step, tokens, eval_loss}; `report` gets each entry as it comes."""
 
     def __init__(self, rows: list[list[int]], every: int, batch_size: int, tokens_per_step: int,
-                 counter: RoutingCounter | None, report: Callable[[dict], None] | None = None,
-                 full_precision: Callable[[], ContextManager] = nullcontext):
+                 counter: RoutingCounter | None, report: Callable[[dict], None] | None = None):
         self.rows, self.every, self.batch_size, self.tokens_per_step = rows, every, batch_size, tokens_per_step
-        self.counter, self.report, self.full_precision = counter, report, full_precision
+        self.counter, self.report = counter, report
         self.history: list[dict] = []
 
     def evaluate(self, model, step: int) -> None:
@@ -121,8 +118,7 @@ class EvalCallback(TrainerCallback):
             self.counter.enabled = False
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if (
             torch.distributed.is_available() and torch.distributed.is_initialized()) else (0, 1)
-        with self.full_precision():
-            total, count = token_loss_sum(model, self.rows[rank::world], self.batch_size)
+        total, count = token_loss_sum(model, self.rows[rank::world], self.batch_size)
         if world > 1:
             both = torch.tensor([total, count], dtype=torch.float64, device=next(model.parameters()).device)
             torch.distributed.all_reduce(both)

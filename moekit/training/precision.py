@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Iterator
-
 import torch
 
-from moekit.errors import UsageError
+from moekit.errors import MoekitError, UsageError
 
 
 def resolve_weights(choice: str, cuda: bool, frozen: bool) -> str:
@@ -31,15 +28,20 @@ class MasterWeights:
     up in fp32: stepped on bf16 weights, most updates of a 1e-4 learning rate round away. Before
     each optimiser step the bf16 gradients (already clipped) are copied into the masters' fp32
     gradients; after it, the masters into the bf16 weights. Gradients accumulate over micro-batches
-    in bf16, as they are computed."""
+    in bf16, as they are computed.
+
+    The parameters' dtype changes once, here, before DDP wraps the model: assigning `.data` of
+    another dtype later would give a parameter a new gradient accumulator, and DDP's hooks on the
+    old one would stop all-reducing its gradients. So checkpoints take the masters by name
+    (`state_dict`), and only `restore`, after training, puts them back into the model."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
-        self.params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.masters = [p.detach().float().clone() for p in self.params]
         with torch.no_grad():
             for p in self.params:
                 p.data = p.data.to(dtype)
-        self._low = [p.data for p in self.params]
         self._optimizer: torch.optim.Optimizer | None = None
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -68,27 +70,23 @@ class MasterWeights:
 
     @torch.no_grad()
     def _masters_to_weights(self) -> None:
-        torch._foreach_copy_(self._low, self.masters)
+        torch._foreach_copy_(self.params, self.masters)
 
-    @contextmanager
-    def full_precision(self) -> Iterator[None]:
-        """The model holds the fp32 masters meanwhile (held-out loss, checkpoints written and read,
-        the final save); back to bf16 after, with whatever the masters then hold."""
-        for p, m in zip(self.params, self.masters):
-            p.data = m
-        try:
-            yield
-        finally:
-            for p, low in zip(self.params, self._low):
-                p.data = low
-            self._masters_to_weights()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The masters by parameter name (a tied weight once, under its first name)."""
+        return dict(zip(self.names, self.masters))
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Masters from `state_dict`'s names, and the bf16 weights from them."""
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise MoekitError(f"the checkpoint has no master copy of {missing[0]} (and {len(missing) - 1} more)")
+        for name, m in zip(self.names, self.masters):
+            m.copy_(state[name])
+        self._masters_to_weights()
 
     def restore(self) -> None:
-        """The model back in fp32 for good (the masters become its weights)."""
+        """The model back in fp32 for good, after training (the masters become its weights)."""
         for p, m in zip(self.params, self.masters):
             p.data = m
-
-
-def full_precision(masters: MasterWeights | None):
-    """`masters.full_precision()`, or nothing to do for fp32 weights."""
-    return masters.full_precision() if masters else nullcontext()

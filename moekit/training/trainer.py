@@ -25,7 +25,7 @@ from moekit.training.data import hold_out, mix_rows
 from moekit.training.experts import enable_checkpointing, use_experts_implementation
 from moekit.training.losses import kd_loss, next_token_loss
 from moekit.training.manifest import apply_freeze, check_run
-from moekit.training.precision import MasterWeights, full_precision, resolve_weights
+from moekit.training.precision import MasterWeights, resolve_weights
 
 
 WEIGHTS = {"bf16": "bf16, fp32 master copies in the optimiser", "fp32": "fp32, bf16 autocast on the GPU"}
@@ -81,13 +81,23 @@ def last_checkpoint(folder: Path) -> str:
     return last
 
 
+CHECKPOINT_STATE = "moekit_state.pt"  # callbacks' state (loss-free bias, eval history) in a checkpoint
+CHECKPOINT_MASTERS = "moekit_masters.safetensors"  # the fp32 masters of bf16 weights
+
+
+def check_resume(checkpoint: Path, weights: str) -> None:
+    """A checkpoint resumes with the weights it was written with: bf16 ones need their masters, and
+    fp32 ones loaded from a bf16 checkpoint would silently lose the masters' precision."""
+    written = "bf16" if (checkpoint / CHECKPOINT_MASTERS).is_file() else "fp32"
+    if written != weights:
+        raise UsageError(f"--resume: {checkpoint.name} was written with --weights {written}; "
+                         f"resume with --weights {written}, not {weights}")
+
+
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     """Packed rows are all seq_len long: stack them; `replay` marks rows from the old domain."""
     return {"input_ids": torch.tensor([r["input_ids"] for r in rows]),
             "replay": torch.tensor([bool(r.get("replay", 0)) for r in rows])}
-
-
-CHECKPOINT_STATE = "moekit_state.pt"  # callbacks' state (loss-free bias, eval history) in a checkpoint
 
 
 class LifelongTrainer(Trainer):
@@ -179,7 +189,7 @@ class LifelongTrainer(Trainer):
             self.masters.attach(optimizer)
         return optimizer
 
-    # Checkpoints hold the runtime state dict as it is, in fp32 (the masters of bf16 weights).
+    # Checkpoints hold the runtime state dict as it is, with the fp32 masters of bf16 weights.
     # Trainer's own goes through save_pretrained, which writes on-disk names (5.x un-fuses the
     # experts), and its resume loads that back with a non-strict load_state_dict, which skips every
     # renamed tensor: an MoE would resume with its experts as they were at the start (transformers
@@ -190,24 +200,26 @@ class LifelongTrainer(Trainer):
         return {type(cb).__name__: cb for cb in self.callback_handler.callbacks if hasattr(cb, "state_dict")}
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file, save_model
 
         if not self.args.should_save:
             return
         folder = Path(output_dir or self.args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        with full_precision(self.masters):
-            save_model(self.accelerator.unwrap_model(self.model), str(folder / "model.safetensors"))
+        save_model(self.accelerator.unwrap_model(self.model), str(folder / "model.safetensors"))
+        if self.masters:
+            save_file(self.masters.state_dict(), str(folder / CHECKPOINT_MASTERS))
         torch.save({name: cb.state_dict() for name, cb in self._stateful().items()}, folder / CHECKPOINT_STATE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file, load_model
 
         folder = Path(resume_from_checkpoint)
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        with full_precision(self.masters):
-            load_model(target, str(folder / "model.safetensors"), strict=True,
-                       device=str(next(target.parameters()).device))
+        device = str(next(target.parameters()).device)
+        load_model(target, str(folder / "model.safetensors"), strict=True, device=device)
+        if self.masters:  # check_resume: the checkpoint has them
+            self.masters.load_state_dict(load_file(str(folder / CHECKPOINT_MASTERS), device=device))
         states = torch.load(folder / CHECKPOINT_STATE, weights_only=True)
         for name, cb in self._stateful().items():
             if name in states:
@@ -250,6 +262,9 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
 
     work = tempfile.TemporaryDirectory(prefix="moekit-train-")  # Trainer wants a folder: checkpoints or nothing
     cuda = opts.device != "cpu" and torch.cuda.is_available()
+    weights = resolve_weights(opts.weights, cuda, frozen=manifest is not None)
+    if last:
+        check_resume(Path(last), weights)
     args = _training_args(opts, str(folder or work.name), cuda)
     model, warnings = load_model(ckpt.path, torch.float32, args.device)
     if warnings:
@@ -272,7 +287,6 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
             model(input_ids=torch.tensor([new[0][:2]], device=args.device), use_cache=False)
         counter.take_logits()
         counter.reset()
-    weights = resolve_weights(opts.weights, cuda, frozen=manifest is not None)
     masters = MasterWeights(model) if weights == "bf16" else None
     callbacks = [FreezeCallback(freeze.frozen), *callbacks]
     stats = RoutingStatsCallback(counter) if counter else None
@@ -283,8 +297,8 @@ def train_model(source: str | Path, output: str | Path, new: list[list[int]], re
     if balance and balance.biases:
         callbacks.append(balance)
     tokens_per_step = opts.batch_size * opts.grad_accum * opts.seq_len * args.world_size
-    evaluation = EvalCallback(eval_rows, opts.eval_every, opts.batch_size, tokens_per_step, counter, on_log,
-                              partial(full_precision, masters)) if eval_rows else None
+    evaluation = EvalCallback(eval_rows, opts.eval_every, opts.batch_size, tokens_per_step, counter,
+                              on_log) if eval_rows else None
     if evaluation:
         callbacks.append(evaluation)
     if on_log:
