@@ -6,6 +6,8 @@ import torch
 
 from moekit.errors import MoekitError, UsageError
 
+WEIGHTS = {"bf16": "bf16, fp32 master copies in the optimiser", "fp32": "fp32, bf16 autocast on the GPU"}  # summary
+
 
 def resolve_weights(choice: str, cuda: bool, frozen: bool) -> str:
     """`--weights` made definite. auto: bf16 on a GPU that has it when every weight trains, else

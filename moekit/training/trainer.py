@@ -25,10 +25,9 @@ from moekit.training.data import hold_out, mix_rows
 from moekit.training.experts import enable_checkpointing, use_experts_implementation
 from moekit.training.losses import kd_loss, next_token_loss
 from moekit.training.manifest import apply_freeze, check_run
-from moekit.training.precision import MasterWeights, resolve_weights
+from moekit.training.precision import WEIGHTS, MasterWeights, resolve_weights
 
 
-WEIGHTS = {"bf16": "bf16, fp32 master copies in the optimiser", "fp32": "fp32, bf16 autocast on the GPU"}
 SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine_with_min_lr", "wsd": "warmup_stable_decay"}
 BALANCE_MODES = ("global", "micro")
 
